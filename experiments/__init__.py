@@ -1,0 +1,1 @@
+"""metagrad's experiment suite. Run `python -m experiments --help`."""

@@ -1,0 +1,1 @@
+"""Reference implementations and toy problems shared by the tests."""
