@@ -5,9 +5,13 @@ are private.
 """
 
 from metagrad._base import MetaLearner as MetaLearner
+from metagrad.reptile import ReptileOuterState as ReptileOuterState
+from metagrad.reptile import reptile_outer as reptile_outer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MetaLearner",
+    "ReptileOuterState",
+    "reptile_outer",
 ]

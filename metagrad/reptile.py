@@ -1,0 +1,220 @@
+"""Reptile: the outer-step wrapper `reptile_outer` and the parallel meta-learner `reptile`.
+
+Reptile (Nichol et al., 2018) runs K steps of an inner optimizer from the
+shared weights φ, reaching θ_K, and then moves φ towards θ_K:
+φ ← φ − η·(φ − θ_K). Dou et al. (2019) use it for multi-task NLU with a
+meta-batch of tasks whose meta-gradients φ − θ_K are averaged.
+
+References:
+  Nichol, Achiam, Schulman, `On First-Order Meta-Learning Algorithms
+  <https://arxiv.org/abs/1803.02999>`_, 2018.
+
+  Dou, Yu, Anastasopoulos, `Investigating Meta-Learning Algorithms for
+  Low-Resource Natural Language Understanding Tasks
+  <https://arxiv.org/abs/1908.10423>`_, EMNLP 2019.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metagrad import _checks
+
+Params = chex.ArrayTree
+
+
+class ReptileOuterState(NamedTuple):
+    """State of `reptile_outer`.
+
+    Attributes:
+      count: int32 scalar, inner steps taken since the last outer update
+        (in ``[0, inner_steps)``).
+      outer_params: the outer (slow) weights φ, a pytree like the params.
+      inner_state: the inner optimizer's state.
+      outer_state: the state of the optimizer applied to the meta-gradient.
+    """
+
+    count: jax.Array
+    outer_params: Params
+    inner_state: optax.OptState
+    outer_state: optax.OptState
+
+
+def _is_traced_or_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _outer_transform(outer_lr: Any, name: str = "outer_lr") -> optax.GradientTransformation:
+    """Turns a float, array, schedule or optax optimizer into the outer optimizer.
+
+    The outer optimizer receives the meta-gradient MG = φ − θ_K as its
+    "gradient" and its update is added to φ, so a learning rate η maps to
+    plain SGD: update = −η·MG.
+    """
+    if isinstance(outer_lr, optax.GradientTransformation):
+        return outer_lr
+    if _is_traced_or_array(outer_lr):
+        # Under `optax.inject_hyperparams` the rate arrives as an array; its
+        # value cannot be checked when traced.
+        if np.ndim(outer_lr) != 0:
+            raise ValueError(f"{name} must be a scalar, got shape {np.shape(outer_lr)}")
+        return optax.scale_by_learning_rate(outer_lr)
+    if callable(outer_lr):
+        return optax.scale_by_learning_rate(outer_lr)
+    _checks.positive_float(name, outer_lr)
+    return optax.scale_by_learning_rate(float(outer_lr))
+
+
+def reptile_outer(
+    inner: optax.GradientTransformation,
+    inner_steps: int,
+    outer_lr: float | optax.Schedule | optax.GradientTransformation = 1.0,
+    *,
+    reset_inner_state: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps an optimizer into Reptile: every `inner_steps` calls, an outer step.
+
+    Each call is one step of ``inner``. Counting calls from the last outer
+    update, with φ the outer weights and θ_k the params after k inner steps
+    (θ_0 = φ), the ``inner_steps``-th call (K = ``inner_steps``) also performs
+    the Reptile outer update and returns the params to the new outer weights:
+
+    .. math::
+
+      MG = φ − θ_K, \\qquad φ ← φ − η·MG, \\qquad θ_0 ← φ.
+
+    The returned update is then ``φ_new − params``, so after
+    ``optax.apply_updates`` the params equal φ_new (up to one rounding). The
+    outer weights live in the state (``state.outer_params``), the params stay
+    a plain pytree (unlike `optax.lookahead`, whose params are
+    ``LookaheadParams``). The outer update costs only on outer steps
+    (`jax.lax.cond`).
+
+    With the batches of the inner steps drawn from one task this is
+    single-task Reptile (a regularizer); with batches rotating across tasks it
+    is Sequential Reptile (Lee et al., 2022, Algorithm 1). With SGD inner steps
+    and a float ``outer_lr`` it equals `optax.lookahead` with
+    ``sync_period=inner_steps, slow_step_size=outer_lr`` (on its slow weights).
+
+    Args:
+      inner: the inner optimizer, any optax transformation (extra keyword
+        arguments given to ``update`` are forwarded to it).
+      inner_steps: K, inner steps per outer update (>= 1).
+      outer_lr: the outer step size η: a float > 0, an optax schedule of the
+        outer step count (0 for the first outer update), or an optax
+        optimizer applied to the meta-gradient. Sign convention: the
+        optimizer receives MG = φ − θ_K as a gradient and its update is added
+        to φ, so ``optax.sgd(eta)`` is the same as ``outer_lr=eta`` and
+        ``optax.adam(lr)`` is Reptile with an Adam outer loop. ``1.0``
+        (the default) sets φ to θ_K exactly: the wrapper is then the inner
+        optimizer alone (plus optional state resets).
+      reset_inner_state: if True, the inner optimizer's state is re-initialized
+        (``inner.init(φ_new)``) after every outer update, as if each outer step
+        started a fresh task; if False it carries over.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`; ``update`` requires
+      ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import metagrad as mg
+      >>> tx = mg.reptile_outer(optax.sgd(0.1), inner_steps=3, outer_lr=0.5)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = tx.init(params)
+      >>> for _ in range(3):
+      ...     grads = 2 * params  # gradient of |params|^2
+      ...     updates, state = tx.update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> # θ_3 = 0.8^3 φ, so φ ← φ − 0.5(φ − θ_3) = 0.756 φ.
+      >>> print([round(float(x), 3) for x in params])
+      [0.756, -1.512]
+      >>> print([round(float(x), 3) for x in state.outer_params])
+      [0.756, -1.512]
+
+    References:
+      Nichol, Achiam, Schulman, `On First-Order Meta-Learning Algorithms
+      <https://arxiv.org/abs/1803.02999>`_, 2018.
+
+      Lee, Lee, Lee, Hwang, `Sequential Reptile: Inter-Task Gradient Alignment
+      for Multilingual Learning <https://arxiv.org/abs/2110.02600>`_, ICLR 2022.
+    """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(
+            f"inner must be an optax.GradientTransformation, got {type(inner).__name__}"
+        )
+    if _is_traced_or_array(inner_steps):
+        # Injected as an array by `optax.inject_hyperparams`; checked when concrete.
+        if np.ndim(inner_steps) != 0 or not jnp.issubdtype(
+            jnp.result_type(inner_steps), jnp.integer
+        ):
+            raise TypeError(f"inner_steps must be an integer scalar, got {inner_steps!r}")
+        if not isinstance(inner_steps, jax.core.Tracer) and int(inner_steps) < 1:
+            raise ValueError(f"inner_steps must be an integer >= 1, got {int(inner_steps)}")
+    else:
+        inner_steps = _checks.positive_int("inner_steps", inner_steps)
+    if not isinstance(reset_inner_state, bool):
+        raise TypeError(f"reset_inner_state must be a bool, got {reset_inner_state!r}")
+    # η = 1 exactly: φ_new = θ_K with no rounding, so the wrapper reduces to
+    # the inner optimizer bit for bit.
+    exact_copy = isinstance(outer_lr, (int, float)) and not isinstance(outer_lr, bool)
+    exact_copy = exact_copy and float(outer_lr) == 1.0
+    outer = _outer_transform(outer_lr)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return ReptileOuterState(
+            count=jnp.zeros([], jnp.int32),
+            outer_params=jax.tree.map(jnp.asarray, params),
+            inner_state=inner.init(params),
+            outer_state=outer.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("reptile_outer requires params: call update(updates, state, params)")
+        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        count = state.count + 1
+        sync = count >= inner_steps
+
+        def outer_step(operand):
+            inner_updates, inner_state, outer_state = operand
+            theta_k = optax.apply_updates(params, inner_updates)
+            if exact_copy:
+                new_phi, new_outer_state = theta_k, outer_state
+            else:
+                meta_grad = jax.tree.map(lambda p, t: p - t, state.outer_params, theta_k)
+                outer_updates, new_outer_state = outer.update(
+                    meta_grad, outer_state, state.outer_params
+                )
+                new_phi = optax.apply_updates(state.outer_params, outer_updates)
+            # The params jump from θ_{K−1} to φ_new: the last inner step and the
+            # outer update merged into one update.
+            new_updates = jax.tree.map(lambda n, p: (n - p).astype(p.dtype), new_phi, params)
+            if reset_inner_state:
+                inner_state = inner.init(new_phi)
+            return new_updates, new_phi, inner_state, new_outer_state
+
+        def inner_step(operand):
+            inner_updates, inner_state, outer_state = operand
+            return inner_updates, state.outer_params, inner_state, outer_state
+
+        new_updates, new_phi, inner_state, outer_state = jax.lax.cond(
+            sync, outer_step, inner_step, (inner_updates, inner_state, state.outer_state)
+        )
+        new_state = ReptileOuterState(
+            count=jnp.where(sync, 0, count).astype(jnp.int32),
+            outer_params=new_phi,
+            inner_state=inner_state,
+            outer_state=outer_state,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,262 @@
+"""Tests for metagrad/reptile.py: `reptile_outer` and the parallel meta-learner `reptile`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metagrad as mg
+
+
+def _quadratic_grad(params, a, b):
+    # L(θ) = ½θᵀAθ − bᵀθ  ⇒  ∇L = Aθ − b.
+    return a @ params - b
+
+
+def _random_quadratic(key, dim=3, dtype=jnp.float32):
+    k1, k2 = jax.random.split(key)
+    m = jax.random.normal(k1, (dim, dim), dtype)
+    a = m @ m.T / dim + jnp.eye(dim, dtype=dtype)
+    b = jax.random.normal(k2, (dim,), dtype)
+    return a, b
+
+
+def _grads_sequence(key, n, shape):
+    return jax.random.normal(key, (n, *shape))
+
+
+# ----------------------------------------------------------------------------
+# reptile_outer
+
+
+@pytest.mark.parametrize("inner", [optax.sgd(0.1), optax.adam(0.05), optax.sgd(0.1, momentum=0.9)])
+def test_reptile_outer_one_step_lr_one_is_inner_optimizer(inner):
+    params = {"w": jnp.arange(3.0), "b": jnp.ones((2, 2))}
+    tx = mg.reptile_outer(inner, inner_steps=1, outer_lr=1.0)
+    state, ref_state = tx.init(params), inner.init(params)
+    p, ref_p = params, params
+    for i in range(6):
+        grads = jax.tree.map(lambda x, i=i: jnp.sin(x + i), p)
+        updates, state = tx.update(grads, state, p)
+        ref_updates, ref_state = inner.update(grads, ref_state, ref_p)
+        p = optax.apply_updates(p, updates)
+        ref_p = optax.apply_updates(ref_p, ref_updates)
+        jax.tree.map(np.testing.assert_array_equal, p, ref_p)
+
+
+@pytest.mark.parametrize("inner_steps,outer_lr", [(1, 0.5), (3, 0.5), (4, 0.1), (5, 1.0)])
+def test_reptile_outer_matches_lookahead_slow_weights(inner_steps, outer_lr):
+    # optax.lookahead with sync_period=K, slow_step_size=η on SGD inner steps is
+    # Reptile: slow ← slow + η(fast_K − slow) = φ − η(φ − θ_K).
+    key = jax.random.PRNGKey(0)
+    a, b = _random_quadratic(key)
+    params = jnp.array([1.0, -2.0, 0.5])
+    tx = mg.reptile_outer(optax.sgd(0.2), inner_steps, outer_lr)
+    la = optax.lookahead(optax.sgd(0.2), sync_period=inner_steps, slow_step_size=outer_lr)
+    state = tx.init(params)
+    la_params = optax.LookaheadParams.init_synced(params)
+    la_state = la.init(la_params)
+    p = params
+    for step in range(4 * inner_steps):
+        updates, state = tx.update(_quadratic_grad(p, a, b), state, p)
+        p = optax.apply_updates(p, updates)
+        la_updates, la_state = la.update(_quadratic_grad(la_params.fast, a, b), la_state, la_params)
+        la_params = optax.apply_updates(la_params, la_updates)
+        np.testing.assert_allclose(p, la_params.fast, atol=1e-6)
+        if (step + 1) % inner_steps == 0:
+            np.testing.assert_allclose(state.outer_params, la_params.slow, atol=1e-6)
+            np.testing.assert_allclose(p, state.outer_params, atol=1e-6)
+
+
+def _naive_reptile(grad_fn, inner, phi, inner_steps, outer_steps, outer_update, reset):
+    """Plain-loop Reptile: K inner steps from φ, then φ ← outer_update(φ, φ − θ_K, t)."""
+    inner_state = inner.init(phi)
+    phis = []
+    for t in range(outer_steps):
+        theta = phi
+        if reset:
+            inner_state = inner.init(phi)
+        for _ in range(inner_steps):
+            u, inner_state = inner.update(grad_fn(theta), inner_state, theta)
+            theta = optax.apply_updates(theta, u)
+        phi = outer_update(phi, phi - theta, t)
+        phis.append(phi)
+    return phis
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_reptile_outer_schedule_and_reset_match_naive_loop(reset):
+    a, b = _random_quadratic(jax.random.PRNGKey(1))
+    sched = optax.linear_schedule(0.9, 0.1, 3)
+    inner = optax.adam(0.1)
+    phi0 = jnp.array([1.0, 2.0, -1.0])
+    ref = _naive_reptile(
+        lambda p: _quadratic_grad(p, a, b),
+        inner,
+        phi0,
+        inner_steps=3,
+        outer_steps=4,
+        outer_update=lambda phi, mg_, t: phi - sched(t) * mg_,
+        reset=reset,
+    )
+    tx = mg.reptile_outer(inner, 3, sched, reset_inner_state=reset)
+    update = jax.jit(tx.update)
+    state, p = tx.init(phi0), phi0
+    for t in range(4):
+        for _ in range(3):
+            u, state = update(_quadratic_grad(p, a, b), state, p)
+            p = optax.apply_updates(p, u)
+        np.testing.assert_allclose(state.outer_params, ref[t], rtol=1e-5, atol=1e-6)
+
+
+def test_reptile_outer_optax_outer_sign_convention():
+    a, b = _random_quadratic(jax.random.PRNGKey(2))
+    phi0 = jnp.array([0.3, -0.7, 1.1])
+
+    def run(outer_lr):
+        tx = mg.reptile_outer(optax.sgd(0.1), 2, outer_lr)
+        state, p = tx.init(phi0), phi0
+        for _ in range(6):
+            u, state = tx.update(_quadratic_grad(p, a, b), state, p)
+            p = optax.apply_updates(p, u)
+        return state.outer_params
+
+    np.testing.assert_allclose(run(optax.sgd(0.3)), run(0.3), rtol=1e-6)
+    # Adam outer loop against a naive loop applying Adam to φ − θ_K.
+    adam = optax.adam(0.05)
+    adam_state = adam.init(phi0)
+    holder = {"s": adam_state}
+
+    def adam_outer(phi, meta_grad, t):
+        del t
+        u, holder["s"] = adam.update(meta_grad, holder["s"], phi)
+        return optax.apply_updates(phi, u)
+
+    ref = _naive_reptile(
+        lambda p: _quadratic_grad(p, a, b), optax.sgd(0.1), phi0, 2, 3, adam_outer, False
+    )
+    np.testing.assert_allclose(run(optax.adam(0.05)), ref[-1], rtol=1e-5)
+
+
+def test_reptile_outer_quadratic_meta_gradient_closed_form(x64):
+    # On L(θ) = ½θᵀAθ − bᵀθ with SGD(α): θ_k = θ_{k−1} − α(Aθ_{k−1} − b), and
+    # after one outer step φ' = φ − η(φ − θ_K).
+    a, b = _random_quadratic(jax.random.PRNGKey(3), dim=4, dtype=jnp.float64)
+    phi = jnp.linspace(-1.0, 1.0, 4, dtype=jnp.float64)
+    alpha, eta, k = 0.1, 0.7, 5
+    theta = np.asarray(phi)
+    for _ in range(k):
+        theta = theta - alpha * (np.asarray(a) @ theta - np.asarray(b))
+    expected = np.asarray(phi) - eta * (np.asarray(phi) - theta)
+    tx = mg.reptile_outer(optax.sgd(alpha), k, eta)
+    state, p = tx.init(phi), phi
+    for _ in range(k):
+        u, state = tx.update(_quadratic_grad(p, a, b), state, p)
+        p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(state.outer_params, expected, rtol=1e-12)
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+
+
+def _scale_by_extra():
+    """An inner transformation that needs an extra keyword argument."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, factor):
+        del params
+        return jax.tree.map(lambda g: -factor * g, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def test_reptile_outer_forwards_extra_args_through_chain():
+    params = jnp.array([1.0, 2.0])
+    tx = optax.chain(optax.clip(10.0), mg.reptile_outer(_scale_by_extra(), 2, 0.5))
+    state = tx.init(params)
+    p = params
+    for _ in range(2):
+        u, state = tx.update(2 * p, state, p, factor=0.25)
+        p = optax.apply_updates(p, u)
+    # θ_2 = (1 − 0.5)^2 φ = 0.25 φ; φ' = φ − 0.5(φ − 0.25φ) = 0.625 φ.
+    np.testing.assert_allclose(p, 0.625 * params, rtol=1e-6)
+
+
+def test_reptile_outer_jit_compiles_once():
+    traces = []
+    tx = mg.reptile_outer(optax.adam(0.1), 3, optax.sgd(0.5), reset_inner_state=True)
+
+    @jax.jit
+    def step(p, state):
+        traces.append(None)
+        u, state = tx.update(jax.tree.map(jnp.cos, p), state, p)
+        return optax.apply_updates(p, u), state
+
+    p = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+    state = tx.init(p)
+    shapes = jax.tree.map(jnp.shape, state)
+    for _ in range(10):
+        p, state = step(p, state)
+        assert jax.tree.map(jnp.shape, state) == shapes
+    assert len(traces) == 1
+
+
+def test_reptile_outer_inject_hyperparams():
+    a, b = _random_quadratic(jax.random.PRNGKey(4))
+    phi0 = jnp.array([0.5, 0.5, -0.5])
+    tx = optax.inject_hyperparams(mg.reptile_outer)(optax.sgd(0.1), inner_steps=3, outer_lr=0.4)
+    ref = mg.reptile_outer(optax.sgd(0.1), 3, 0.4)
+    state, ref_state = tx.init(phi0), ref.init(phi0)
+    update = jax.jit(tx.update)
+    p = q = phi0
+    for _ in range(6):
+        u, state = update(_quadratic_grad(p, a, b), state, p)
+        v, ref_state = ref.update(_quadratic_grad(q, a, b), ref_state, q)
+        p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
+    np.testing.assert_allclose(p, q, rtol=1e-6)
+    # The injected outer rate can be changed between steps.
+    state.hyperparams["outer_lr"] = jnp.asarray(0.0)
+    for _ in range(3):
+        u, state = update(_quadratic_grad(p, a, b), state, p)
+        p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(p, q, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_reptile_outer_preserves_dtype(dtype):
+    params = jnp.ones((3,), dtype)
+    tx = mg.reptile_outer(optax.sgd(0.1), 2, 0.5)
+    state = tx.init(params)
+    for _ in range(2):
+        u, state = tx.update(params, state, params)
+        assert u.dtype == dtype
+        params = optax.apply_updates(params, u)
+    assert state.outer_params.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(inner_steps=0), ValueError, "inner_steps"),
+        (dict(inner_steps=2.0), TypeError, "inner_steps"),
+        (dict(outer_lr=-1.0), ValueError, "outer_lr"),
+        (dict(outer_lr=float("nan")), ValueError, "outer_lr"),
+        (dict(outer_lr="fast"), TypeError, "outer_lr"),
+        (dict(reset_inner_state=1), TypeError, "reset_inner_state"),
+        (dict(inner=lambda g: g), TypeError, "inner"),
+    ],
+)
+def test_reptile_outer_bad_arguments(kwargs, error, match):
+    args = dict(inner=optax.sgd(0.1), inner_steps=2, outer_lr=0.5)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        mg.reptile_outer(**args)
+
+
+def test_reptile_outer_requires_params():
+    tx = mg.reptile_outer(optax.sgd(0.1), 2)
+    state = tx.init(jnp.zeros(2))
+    with pytest.raises(ValueError, match="params"):
+        tx.update(jnp.ones(2), state)
