@@ -1,0 +1,349 @@
+"""MAML, first-order MAML, Meta-SGD and MAML++ as jitted meta-steps.
+
+Model-agnostic meta-learning (Finn et al. 2017), in the form used for multi-task NLU by
+Dou et al. (2019, Section 2.3), with the Meta-SGD (Li et al. 2017) and MAML++ (Antoniou et
+al. 2019) options. The inner loop is a `lax.scan` over inner steps of (a `vmap` over tasks
+of the support gradient), followed by an `InnerRule` that sees the whole task batch, so a
+rule can couple tasks at each step (`metagrad.grad_share`).
+
+References:
+  Finn et al., `Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks
+  <https://arxiv.org/abs/1703.03400>`_, 2017.
+  Dou et al., `Investigating Meta-Learning Algorithms for Low-Resource Natural Language
+  Understanding Tasks <https://arxiv.org/abs/1908.10423>`_, 2019.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metagrad import _checks
+from metagrad._base import LossFn, MetaLearner, Params
+from metagrad._inner import InnerRule, as_inner_rule
+
+
+class MAMLState(NamedTuple):
+    """State of `maml` / `fomaml`."""
+
+    params: Params  # the learned initialization θ
+    inner_params: Any  # learned inner-rule parameters (Meta-SGD rates, m_k, λ_k, ...)
+    outer_state: optax.OptState  # of `outer`, over the pair (params, inner_params)
+    carry: Any  # the inner rule's persistent carry (no gradient), e.g. grad_share's average
+    inner_state: Any  # inner optimizer state kept across outer steps; () when reset
+    count: jax.Array  # int32 scalar, outer steps so far
+
+
+def maml_pp_weights(num_steps: int, anneal_steps: int, count: jax.Array) -> jax.Array:
+    """MAML++ multi-step loss weights after `count` outer steps, shape ``[num_steps]``.
+
+    The weights start uniform (1/K). Over `anneal_steps` outer steps the weights of the
+    intermediate steps decay linearly, at rate 1/(K·anneal_steps) per outer step, to a floor
+    of 0.03/K, while the last step's weight grows by the same total so the weights keep
+    summing to one; afterwards they stay fixed. This reconstructs the schedule of the MAML++
+    reference code (the paper only says the weights are annealed towards the last step).
+    """
+    k = num_steps
+    count = jnp.asarray(count, jnp.float32)
+    floor = 0.03 / k
+    decay = 1.0 / k / max(anneal_steps, 1)
+    inter = jnp.maximum(1.0 / k - count * decay, floor)
+    last = jnp.minimum(1.0 / k + count * (k - 1) * decay, 1.0 - (k - 1) * floor)
+    return jnp.concatenate([jnp.full((k - 1,), inter), last[None]])
+
+
+def _check_tasks(tasks: Any) -> tuple[Any, Any, int]:
+    if not isinstance(tasks, (tuple, list)) or len(tasks) != 2:
+        raise TypeError(f"tasks must be a pair (support, query), got {type(tasks).__name__}")
+    support, query = tasks
+    sizes = {}
+    for part, tree in (("support", support), ("query", query)):
+        leaves = jax.tree.leaves(tree)
+        if not leaves:
+            raise ValueError(f"tasks: {part} has no array leaves")
+        for leaf in leaves:
+            if np.ndim(leaf) < 1:
+                raise ValueError(f"tasks: every {part} leaf needs a leading task axis")
+        sizes[part] = {np.shape(leaf)[0] for leaf in leaves}
+        if len(sizes[part]) != 1:
+            raise ValueError(
+                f"tasks: the {part} leaves have different leading (task) axes {sizes[part]}"
+            )
+    if sizes["support"] != sizes["query"]:
+        raise ValueError(
+            f"tasks: support and query have different numbers of tasks "
+            f"({sizes['support'].pop()} vs {sizes['query'].pop()})"
+        )
+    return support, query, sizes["support"].pop()
+
+
+def _mean_pairwise_cosine(grads: Any) -> jax.Array:
+    flat = jnp.concatenate([g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)], axis=1)
+    sq = jnp.sum(flat * flat, axis=1)
+    unit = flat * jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0))[:, None]
+    gram = unit @ unit.T
+    b = flat.shape[0]
+    return (jnp.sum(gram) - jnp.trace(gram)) / max(b * (b - 1), 1)
+
+
+def _inner_loop(
+    loss_fn, rule, params, inner_params, carry, state, support, query, num_steps, *,
+    first_order, remat, step_query, alignment,
+):  # fmt: skip
+    """Runs `num_steps` inner steps on a task batch; params etc. carry the task axis."""
+
+    def body(c, k):
+        params, state, carry = c
+        losses, grads = jax.vmap(jax.value_and_grad(loss_fn))(params, support)
+        if first_order:
+            grads = jax.lax.stop_gradient(grads)
+        out = {"support_loss": losses}
+        if alignment:
+            out["alignment"] = _mean_pairwise_cosine(grads)
+        updates, state, carry = rule.update(grads, state, params, inner_params, carry, k)
+        params = optax.apply_updates(params, updates)
+        if step_query:
+            out["query_loss"] = jax.vmap(loss_fn)(params, query)
+        return (params, state, carry), out
+
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    steps = jnp.arange(num_steps, dtype=jnp.int32)
+    (params, state, carry), outs = jax.lax.scan(body, (params, state, carry), steps)
+    return params, state, carry, outs
+
+
+def _broadcast(tree: Any, num_tasks: int) -> Any:
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_tasks,) + jnp.shape(x)), tree)
+
+
+def _task_mean(tree: Any) -> Any:
+    # Inner optimizer state kept across outer steps: floats are averaged over the task batch,
+    # integers (step counters, identical across tasks) are taken from the first task.
+    def leaf(x):
+        return jnp.mean(x, axis=0) if jnp.issubdtype(x.dtype, jnp.inexact) else x[0]
+
+    return jax.tree.map(leaf, tree)
+
+
+def maml(
+    loss_fn: LossFn,
+    inner: optax.GradientTransformation | InnerRule,
+    inner_steps: int,
+    outer: optax.GradientTransformation,
+    *,
+    first_order: bool = False,
+    multi_step_loss: None | int | Callable[[jax.Array], jax.Array] = None,
+    remat: bool = False,
+    reset_inner_state: bool = True,
+    alignment: bool = False,
+) -> MetaLearner:
+    r"""Model-agnostic meta-learning (MAML) as a jitted meta-step.
+
+    For each task t of a batch, `inner_steps` inner steps on the support batch from the
+    learned initialization θ give θ_t (classic: ``θ_t = θ − α ∇L_t^s(θ)``); the meta-loss is
+    the query loss at the adapted params averaged over tasks,
+    ``J(θ) = mean_t L_t^q(θ_t)``, and `outer` applies ``∇J``. Second order differentiates
+    through the inner loop (for one SGD step ``∇J = mean_t (I − α H_t^s) ∇L_t^q(θ_t)``);
+    first order treats the inner gradients as constants (``∇J = mean_t ∇L_t^q(θ_t)``).
+
+    Options:
+      - Meta-SGD: ``inner=metagrad.meta_sgd(α)``, per-parameter learned learning rates.
+      - MAML++: ``inner=metagrad.learned_lr(α, per_step=True, granularity="layer")`` and
+        ``multi_step_loss=N``: the meta-loss becomes ``Σ_k w_k mean_t L_t^q(θ_{t,k})`` with
+        the weights of `maml_pp_weights` annealed over N outer steps.
+      - Gradient sharing: ``inner=metagrad.grad_share(...)``.
+
+    The outer optimizer sees the pair ``(params, inner_params)``, so learned inner-rule
+    parameters are trained with the initialization (use `optax.multi_transform` on that pair
+    for separate optimizers).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      inner: an optax transformation applied per task (``optax.sgd(α)`` is classic MAML;
+        its state starts fresh for every task unless `reset_inner_state` is False) or an
+        `InnerRule` (`meta_sgd`, `learned_lr`, `grad_share`).
+      inner_steps: number of inner steps K (>= 1).
+      outer: the optax optimizer applied to the meta-gradient.
+      first_order: if True, first-order MAML (inner gradients under `stop_gradient`);
+        learned inner-rule parameters still receive their first-order gradient.
+      multi_step_loss: ``None`` (meta-loss at the last inner step only), an int N (MAML++
+        schedule annealed over N outer steps) or a callable ``count -> weights[K]``.
+      remat: rematerialize each inner step in the backward pass (`jax.checkpoint`): memory
+        of second-order MAML no longer grows with activations times K, at the cost of
+        recomputing the forward pass.
+      reset_inner_state: if True (default) the inner optimizer state is fresh at every outer
+        step; if False the state reached at the end of an outer step's inner loop, averaged
+        over tasks (a choice: tasks change every outer step), starts the next one.
+      alignment: if True, `metrics["alignment"]` is the mean pairwise cosine similarity
+        between the tasks' support gradients at the first inner step.
+
+    Returns:
+      A `MetaLearner`: ``init(params) -> MAMLState``; ``step(state, (support, query)) ->
+      (state, metrics)`` with support and query pytrees whose leaves have a leading task
+      axis, metrics ``loss`` (the meta-objective), ``loss_pre`` (support loss at θ),
+      ``loss_post`` (query loss after adaptation), optionally ``alignment``;
+      ``adapt(state, support, num_steps=None) -> params`` for one task (no task axis).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, metagrad as mg
+      >>> loss = lambda p, b: jnp.mean((b[0] * p["w"] - b[1]) ** 2)
+      >>> learner = mg.maml(loss, optax.sgd(0.1), 1, optax.adam(1e-2))
+      >>> state = learner.init({"w": jnp.zeros(())})
+      >>> x = jnp.ones((4, 5)); y = x * jnp.arange(4.0)[:, None]
+      >>> state, metrics = learner.step(state, ((x, y), (x, y)))
+      >>> sorted(metrics), learner.adapt(state, (x[0], y[0]))["w"].shape
+      (['loss', 'loss_post', 'loss_pre'], ())
+
+    References:
+      Finn et al., `Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks
+      <https://arxiv.org/abs/1703.03400>`_, 2017.
+    """
+    _checks.callable_("loss_fn", loss_fn)
+    rule = as_inner_rule(inner, "inner")
+    inner_steps = _checks.positive_int("inner_steps", inner_steps)
+    if not isinstance(outer, optax.GradientTransformation):
+        raise TypeError(
+            f"outer must be an optax GradientTransformation, got {type(outer).__name__}"
+        )
+    if isinstance(multi_step_loss, bool) or not (
+        multi_step_loss is None
+        or callable(multi_step_loss)
+        or isinstance(multi_step_loss, (int, np.integer))
+    ):
+        raise TypeError(
+            f"multi_step_loss must be None, an int or a callable, got {multi_step_loss!r}"
+        )
+    if isinstance(multi_step_loss, (int, np.integer)):
+        anneal = _checks.positive_int("multi_step_loss", multi_step_loss)
+
+        def weights_fn(count):
+            return maml_pp_weights(inner_steps, anneal, count)
+
+    else:
+        weights_fn = multi_step_loss
+    step_query = weights_fn is not None
+    eval_carry = rule.eval_carry or (lambda c: c)
+
+    def init(params):
+        inner_params, carry = rule.init(params, inner_steps)
+        inner_state = () if reset_inner_state else rule.init_state(params)
+        return MAMLState(
+            params=params,
+            inner_params=inner_params,
+            outer_state=outer.init((params, inner_params)),
+            carry=carry,
+            inner_state=inner_state,
+            count=jnp.zeros((), jnp.int32),
+        )
+
+    def start_state(state, num_tasks):
+        if reset_inner_state:
+            return jax.vmap(rule.init_state)(_broadcast(state.params, num_tasks))
+        return _broadcast(state.inner_state, num_tasks)
+
+    def step(state, tasks):
+        support, query, num_tasks = _check_tasks(tasks)
+        carry0 = jax.lax.stop_gradient(state.carry)
+        istate0 = start_state(state, num_tasks)
+        if step_query:
+            weights = jax.lax.stop_gradient(jnp.asarray(weights_fn(state.count)))
+            chex.assert_shape(weights, (inner_steps,))
+
+        def objective(diff):
+            params, inner_params = diff
+            params_t, istate, carry, outs = _inner_loop(
+                loss_fn, rule, _broadcast(params, num_tasks), inner_params, carry0, istate0,
+                support, query, inner_steps, first_order=first_order, remat=remat,
+                step_query=step_query, alignment=alignment,
+            )  # fmt: skip
+            if step_query:
+                per_step = jnp.mean(outs["query_loss"], axis=1)
+                loss, post = jnp.sum(weights * per_step), per_step[-1]
+            else:
+                post = loss = jnp.mean(jax.vmap(loss_fn)(params_t, query))
+            metrics = {"loss": loss, "loss_pre": jnp.mean(outs["support_loss"][0])}
+            metrics["loss_post"] = post
+            if alignment:
+                metrics["alignment"] = outs["alignment"][0]
+            return loss, (metrics, istate, carry)
+
+        diff = (state.params, state.inner_params)
+        (_, (metrics, istate, carry)), grads = jax.value_and_grad(objective, has_aux=True)(diff)
+        updates, outer_state = outer.update(grads, state.outer_state, diff)
+        params, inner_params = optax.apply_updates(diff, updates)
+        new_state = MAMLState(
+            params=params,
+            inner_params=inner_params,
+            outer_state=outer_state,
+            carry=jax.lax.stop_gradient(carry),
+            inner_state=() if reset_inner_state else _task_mean(istate),
+            count=state.count + 1,
+        )
+        return new_state, metrics
+
+    def adapt_fn(state, support, num_steps):
+        support = jax.tree.map(lambda x: jnp.asarray(x)[None], support)
+        params = _broadcast(state.params, 1)
+        istate = start_state(state, 1)
+        params_t, *_ = _inner_loop(
+            loss_fn, rule, params, state.inner_params, eval_carry(state.carry), istate,
+            support, None, num_steps, first_order=True, remat=False, step_query=False,
+            alignment=False,
+        )  # fmt: skip
+        return jax.tree.map(lambda x: x[0], params_t)
+
+    adapt_jit = jax.jit(adapt_fn, static_argnums=2)
+
+    def adapt(state: MAMLState, support: Any, num_steps: int | None = None) -> Params:
+        num_steps = inner_steps if num_steps is None else num_steps
+        return adapt_jit(state, support, _checks.positive_int("num_steps", num_steps))
+
+    return MetaLearner(init=init, step=jax.jit(step), adapt=adapt)
+
+
+def fomaml(
+    loss_fn: LossFn,
+    inner: optax.GradientTransformation | InnerRule,
+    inner_steps: int,
+    outer: optax.GradientTransformation,
+    **kwargs: Any,
+) -> MetaLearner:
+    """First-order MAML: `maml` with ``first_order=True``.
+
+    The meta-gradient is ``mean_t ∇L_t^q(θ_t)``, the query gradient at the adapted params,
+    with the inner gradients treated as constants (no Hessian terms).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      inner: an optax transformation or an `InnerRule`, as in `maml`.
+      inner_steps: number of inner steps (>= 1).
+      outer: the optax optimizer applied to the meta-gradient.
+      **kwargs: the other keyword arguments of `maml` (not `first_order`).
+
+    Returns:
+      A `MetaLearner`, as `maml`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, metagrad as mg
+      >>> loss = lambda p, b: jnp.mean((b[0] * p - b[1]) ** 2)
+      >>> learner = mg.fomaml(loss, optax.sgd(0.1), 2, optax.sgd(0.1))
+      >>> state = learner.init(jnp.zeros(()))
+      >>> x = jnp.ones((3, 4))
+      >>> state, metrics = learner.step(state, ((x, 2 * x), (x, 2 * x)))
+      >>> round(float(metrics["loss"]), 2)
+      1.64
+
+    References:
+      Finn et al., `Model-Agnostic Meta-Learning <https://arxiv.org/abs/1703.03400>`_,
+      2017, Section 5.2 (first-order approximation).
+    """
+    if "first_order" in kwargs:
+        raise TypeError("first_order is fixed to True by fomaml; use maml to choose it")
+    return maml(loss_fn, inner, inner_steps, outer, first_order=True, **kwargs)
