@@ -12,6 +12,11 @@ from metagrad._inner import learned_lr as learned_lr
 from metagrad._inner import meta_sgd as meta_sgd
 from metagrad._recadam import RecAdamState as RecAdamState
 from metagrad._recadam import recadam as recadam
+from metagrad.adapt import adapt as adapt
+from metagrad.diagnostics import mean_pairwise_cosine as mean_pairwise_cosine
+from metagrad.diagnostics import pairwise_cosine as pairwise_cosine
+from metagrad.diagnostics import pairwise_dot as pairwise_dot
+from metagrad.diagnostics import task_gradients as task_gradients
 from metagrad.dotprod import DotProdState as DotProdState
 from metagrad.dotprod import dotprod as dotprod
 from metagrad.hvp import fd_hvp as fd_hvp
@@ -27,7 +32,15 @@ from metagrad.mtl import gradvac as gradvac
 from metagrad.mtl import mtl_sum as mtl_sum
 from metagrad.mtl import pcgrad as pcgrad
 from metagrad.reptile import ReptileOuterState as ReptileOuterState
+from metagrad.reptile import ReptileState as ReptileState
+from metagrad.reptile import reptile as reptile
 from metagrad.reptile import reptile_outer as reptile_outer
+from metagrad.seq_reptile import seq_reptile as seq_reptile
+from metagrad.tasks import mixed_probs as mixed_probs
+from metagrad.tasks import mixed_schedule as mixed_schedule
+from metagrad.tasks import sample_tasks as sample_tasks
+from metagrad.tasks import task_probs as task_probs
+from metagrad.tasks import uniform_tasks as uniform_tasks
 
 __version__ = "0.1.0"
 
@@ -41,6 +54,8 @@ __all__ = [
     "PCGradState",
     "RecAdamState",
     "ReptileOuterState",
+    "ReptileState",
+    "adapt",
     "dotprod",
     "fd_hvp",
     "fd_step",
@@ -51,9 +66,20 @@ __all__ = [
     "learned_lr",
     "maml",
     "maml_pp_weights",
+    "mean_pairwise_cosine",
     "meta_sgd",
+    "mixed_probs",
+    "mixed_schedule",
     "mtl_sum",
+    "pairwise_cosine",
+    "pairwise_dot",
     "pcgrad",
     "recadam",
+    "reptile",
     "reptile_outer",
+    "sample_tasks",
+    "seq_reptile",
+    "task_gradients",
+    "task_probs",
+    "uniform_tasks",
 ]

@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
@@ -25,6 +26,9 @@ import numpy as np
 import optax
 
 from metagrad import _checks
+from metagrad._base import MetaLearner
+from metagrad.adapt import _check_inner, adapt, inner_loop
+from metagrad.diagnostics import mean_pairwise_cosine
 
 Params = chex.ArrayTree
 
@@ -146,10 +150,7 @@ def reptile_outer(
       Lee, Lee, Lee, Hwang, `Sequential Reptile: Inter-Task Gradient Alignment
       for Multilingual Learning <https://arxiv.org/abs/2110.02600>`_, ICLR 2022.
     """
-    if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(
-            f"inner must be an optax.GradientTransformation, got {type(inner).__name__}"
-        )
+    _check_inner(inner)
     if _is_traced_or_array(inner_steps):
         # Injected as an array by `optax.inject_hyperparams`; checked when concrete.
         if np.ndim(inner_steps) != 0 or not jnp.issubdtype(
@@ -218,3 +219,194 @@ def reptile_outer(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ReptileState(NamedTuple):
+    """State of the `reptile` and `seq_reptile` meta-learners.
+
+    Attributes:
+      params: the learned initialization φ.
+      outer_state: state of the outer optimizer.
+      inner_state: the inner optimizer state carried across outer steps, or
+        None when it is reset at every outer step (``reset_inner_state=True``).
+    """
+
+    params: Params
+    outer_state: optax.OptState
+    inner_state: optax.OptState | None
+
+
+def _mean_states(states):
+    """Averages per-task optimizer states over the leading task axis.
+
+    Float leaves (moments) are averaged; integer leaves (step counts) are equal
+    across tasks, which all take the same number of steps, so task 0's is kept.
+    """
+
+    def mean(x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.mean(x, axis=0)
+        return x[0]
+
+    return jax.tree.map(mean, states)
+
+
+def _check_stacked(name: str, tree: Any, sizes: tuple[int | None, ...], what: str) -> int:
+    """Checks the leading axes of every leaf; returns the first axis size."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        raise ValueError(f"{name} must contain at least one array")
+    first = np.shape(leaves[0])[0] if np.ndim(leaves[0]) else None
+    for leaf in leaves:
+        shape = np.shape(leaf)
+        expected = tuple(first if s is None else s for s in sizes)
+        if len(shape) < len(sizes) or shape[: len(sizes)] != expected:
+            raise ValueError(
+                f"{name} leaves must have leading axes {what}, got a leaf of shape {shape}"
+            )
+    return first
+
+
+def reptile(
+    loss_fn: Callable[[Params, Any], chex.Array],
+    inner: optax.GradientTransformation,
+    inner_steps: int,
+    outer: float | optax.Schedule | optax.GradientTransformation,
+    *,
+    batch_per_step: bool = False,
+    reset_inner_state: bool = True,
+    task_grad_cosine: bool = False,
+) -> MetaLearner:
+    """Parallel (meta-batch) Reptile as a jitted meta-step.
+
+    For each task t of a meta-batch of T tasks (vmapped), K = ``inner_steps``
+    steps of ``inner`` from φ reach θ_K^t; the meta-gradient is their mean
+    displacement and any optax optimizer applies it:
+
+    .. math::
+
+      MG = \\frac{1}{T} \\sum_t (φ − θ_K^t), \\qquad
+      φ ← φ + \\text{outer.update}(MG).
+
+    ``outer = optax.sgd(eta)`` (or the float ``eta``) is classic Reptile
+    φ ← φ − η·MG (Nichol et al., 2018; Dou et al., 2019, Section 2.3).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, one task's loss on a batch.
+      inner: the inner optimizer, any optax transformation.
+      inner_steps: K >= 1.
+      outer: the optimizer applied to MG (its update is added to φ), or a
+        float / schedule η meaning ``optax.sgd(η)``.
+      batch_per_step: how ``tasks`` feeds the inner loop. False (default):
+        every leaf of ``tasks`` is ``[T, ...]`` and task t reuses its batch at
+        all K steps; True: leaves are ``[T, K, ...]`` and step k uses batch k.
+      reset_inner_state: True (default): every task of every outer step starts
+        from ``inner.init(φ)``, the usual Reptile. False: one inner state is
+        carried across outer steps; each task starts from it and the next one
+        is the mean over tasks of their final states (float leaves averaged,
+        integer counts kept). Our choice: a serial Reptile that never resets
+        its optimizer, made parallel.
+      task_grad_cosine: if True, ``metrics`` also holds ``"task_grad_cosine"``,
+        the mean pairwise cosine between the tasks' first inner gradients
+        (taken at φ, so it costs no extra gradient; needs T >= 2).
+
+    Returns:
+      A `MetaLearner`: ``init(params) -> ReptileState``;
+      ``step(state, tasks) -> (state, metrics)``, jitted, with metrics
+      ``"loss"`` (mean loss at φ over tasks, before adaptation),
+      ``"adapted_loss"`` (mean loss before the last inner step),
+      ``"meta_grad_norm"`` (‖MG‖) and optionally ``"task_grad_cosine"``;
+      ``adapt(state, support, num_steps=None)`` runs `adapt` from
+      ``state.params`` with a fresh inner state on one task's batch (reused at
+      every step), ``num_steps`` defaulting to ``inner_steps``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import metagrad as mg
+      >>> loss_fn = lambda p, b: jnp.sum((p - b) ** 2)
+      >>> learner = mg.reptile(loss_fn, optax.sgd(0.1), 5, optax.sgd(1.0))
+      >>> state = learner.init(jnp.zeros(2))
+      >>> tasks = jnp.array([[1.0, 0.0], [-1.0, 2.0]])  # one target per task
+      >>> for _ in range(50):
+      ...     state, metrics = learner.step(state, tasks)
+      >>> print([round(float(x), 3) for x in state.params])  # the tasks' mean
+      [0.0, 1.0]
+
+    References:
+      Nichol, Achiam, Schulman, `On First-Order Meta-Learning Algorithms
+      <https://arxiv.org/abs/1803.02999>`_, 2018.
+
+      Dou, Yu, Anastasopoulos, `Investigating Meta-Learning Algorithms for
+      Low-Resource Natural Language Understanding Tasks
+      <https://arxiv.org/abs/1908.10423>`_, EMNLP 2019.
+    """
+    _checks.callable_("loss_fn", loss_fn)
+    _check_inner(inner)
+    inner_steps = _checks.positive_int("inner_steps", inner_steps)
+    outer_tx = _outer_transform(outer, "outer")
+    for name, flag in [
+        ("batch_per_step", batch_per_step),
+        ("reset_inner_state", reset_inner_state),
+        ("task_grad_cosine", task_grad_cosine),
+    ]:
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+
+    def init_fn(params):
+        params = jax.tree.map(jnp.asarray, params)
+        return ReptileState(
+            params=params,
+            outer_state=outer_tx.init(params),
+            inner_state=None if reset_inner_state else inner.init(params),
+        )
+
+    def task_run(phi, inner_state, batches):
+        return inner_loop(
+            loss_fn,
+            inner,
+            phi,
+            inner_state,
+            batches,
+            inner_steps,
+            batch_per_step=batch_per_step,
+            keep_first_grad=task_grad_cosine,
+        )
+
+    def step_fn(state, tasks):
+        sizes = (None, inner_steps) if batch_per_step else (None,)
+        what = "[num_tasks, inner_steps, ...]" if batch_per_step else "[num_tasks, ...]"
+        num_tasks = _check_stacked("tasks", tasks, sizes, what)
+        if task_grad_cosine and num_tasks < 2:
+            raise ValueError(f"tasks must hold >= 2 tasks for task_grad_cosine, got {num_tasks}")
+        phi = state.params
+        inner_state = inner.init(phi) if reset_inner_state else state.inner_state
+        thetas, inner_states, losses, first_grads = jax.vmap(task_run, in_axes=(None, None, 0))(
+            phi, inner_state, tasks
+        )
+        meta_grad = jax.tree.map(lambda p, t: jnp.mean(p[None] - t, axis=0), phi, thetas)
+        outer_updates, outer_state = outer_tx.update(meta_grad, state.outer_state, phi)
+        new_phi = optax.apply_updates(phi, outer_updates)
+        metrics = {
+            "loss": jnp.mean(losses[:, 0]),
+            "adapted_loss": jnp.mean(losses[:, -1]),
+            "meta_grad_norm": optax.tree.norm(meta_grad),
+        }
+        if task_grad_cosine:
+            metrics["task_grad_cosine"] = mean_pairwise_cosine(first_grads)
+        new_state = ReptileState(
+            params=new_phi,
+            outer_state=outer_state,
+            inner_state=None if reset_inner_state else _mean_states(inner_states),
+        )
+        return new_state, metrics
+
+    def adapt_fn(state, support, num_steps=None):
+        return adapt(
+            loss_fn, inner, state.params, support, inner_steps if num_steps is None else num_steps
+        )
+
+    return MetaLearner(
+        init=init_fn,
+        step=jax.jit(step_fn),
+        adapt=jax.jit(adapt_fn, static_argnames="num_steps"),
+    )
