@@ -122,7 +122,7 @@ def dotprod(
     Args:
       inner_alpha: the finite-difference step :math:`\alpha` > 0, or ``None``
         (default) for the automatic scale-aware step
-        ``eps**p * (1 + ||theta||) / ||G1||`` (``p = 1/2`` forward, ``1/3``
+        ``(eps * (1 + ||theta||))**p / ||G1||`` (``p = 1/2`` forward, ``1/3``
         central, see :func:`metagrad.fd_step`). The paper's fixed
         ``inner_alpha=1e-7`` is reproduced exactly but is only accurate in
         float64: in float32 it is below the resolution of typical weights and
