@@ -260,3 +260,210 @@ def test_reptile_outer_requires_params():
     state = tx.init(jnp.zeros(2))
     with pytest.raises(ValueError, match="params"):
         tx.update(jnp.ones(2), state)
+
+
+# ----------------------------------------------------------------------------
+# reptile (parallel meta-batch)
+
+
+def _mlp_loss(params, batch):
+    x, y = batch
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    return jnp.mean((h @ params["w2"] - y) ** 2)
+
+
+def _mlp_params(key):
+    k1, k2 = jax.random.split(key)
+    return {
+        "w1": jax.random.normal(k1, (2, 4)) * 0.5,
+        "b1": jnp.zeros(4),
+        "w2": jax.random.normal(k2, (4, 1)) * 0.5,
+    }
+
+
+def _mlp_tasks(key, num_tasks, leading=()):
+    k1, k2 = jax.random.split(key)
+    x = jax.random.normal(k1, (num_tasks, *leading, 5, 2))
+    y = jax.random.normal(k2, (num_tasks, *leading, 5, 1))
+    return x, y
+
+
+def _naive_task_run(loss_fn, inner, phi, batches, inner_steps, per_step, inner_state=None):
+    """One task's inner loop as a Python loop (independent of metagrad.adapt)."""
+    state = inner.init(phi) if inner_state is None else inner_state
+    theta = phi
+    for k in range(inner_steps):
+        batch = jax.tree.map(lambda x, k=k: x[k], batches) if per_step else batches
+        g = jax.grad(loss_fn)(theta, batch)
+        u, state = inner.update(g, state, theta)
+        theta = optax.apply_updates(theta, u)
+    return theta, state
+
+
+@pytest.mark.parametrize("batch_per_step", [False, True])
+def test_reptile_equals_mean_of_serial_runs(batch_per_step):
+    key = jax.random.PRNGKey(5)
+    phi = _mlp_params(key)
+    k = 3
+    tasks = _mlp_tasks(jax.random.PRNGKey(6), 4, (k,) if batch_per_step else ())
+    inner = optax.adam(0.05)
+    learner = mg.reptile(_mlp_loss, inner, k, optax.sgd(0.7), batch_per_step=batch_per_step)
+    state, metrics = learner.step(learner.init(phi), tasks)
+    thetas = [
+        _naive_task_run(
+            _mlp_loss, inner, phi, jax.tree.map(lambda x, t=t: x[t], tasks), k, batch_per_step
+        )[0]
+        for t in range(4)
+    ]
+    meta_grad = jax.tree.map(lambda p, *ts: p - sum(ts) / len(ts), phi, *thetas)
+    expected = jax.tree.map(lambda p, m: p - 0.7 * m, phi, meta_grad)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, expected
+    )
+    np.testing.assert_allclose(metrics["meta_grad_norm"], optax.tree.norm(meta_grad), rtol=1e-5)
+    first = [
+        _mlp_loss(phi, jax.tree.map(lambda x, t=t: x[t, 0] if batch_per_step else x[t], tasks))
+        for t in range(4)
+    ]
+    np.testing.assert_allclose(metrics["loss"], np.mean(first), rtol=1e-5)
+
+
+def test_reptile_quadratic_meta_gradient_is_unrolled_recursion(x64):
+    # L_t(θ) = ½θᵀA_tθ − b_tᵀθ; SGD(α): θ_k = θ_{k−1} − α(A_t θ_{k−1} − b_t).
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    quads = [_random_quadratic(k, dim=3, dtype=jnp.float64) for k in keys]
+    a = jnp.stack([q[0] for q in quads])
+    b = jnp.stack([q[1] for q in quads])
+    alpha, eta, k = 0.05, 0.3, 6
+    phi = jnp.array([1.0, -0.5, 2.0], jnp.float64)
+
+    def loss_fn(theta, batch):
+        a_t, b_t = batch
+        return 0.5 * theta @ a_t @ theta - b_t @ theta
+
+    learner = mg.reptile(loss_fn, optax.sgd(alpha), k, eta, task_grad_cosine=True)
+    state, metrics = learner.step(learner.init(phi), (a, b))
+    mgs, grads0 = [], []
+    for a_t, b_t in zip(np.asarray(a), np.asarray(b), strict=True):
+        theta = np.asarray(phi)
+        grads0.append(a_t @ theta - b_t)
+        for _ in range(k):
+            theta = theta - alpha * (a_t @ theta - b_t)
+        mgs.append(np.asarray(phi) - theta)
+    meta_grad = np.mean(mgs, axis=0)
+    np.testing.assert_allclose(state.params, np.asarray(phi) - eta * meta_grad, rtol=1e-12)
+    np.testing.assert_allclose(metrics["meta_grad_norm"], np.linalg.norm(meta_grad), rtol=1e-12)
+    cos = [
+        grads0[i] @ grads0[j] / np.linalg.norm(grads0[i]) / np.linalg.norm(grads0[j])
+        for i in range(3)
+        for j in range(3)
+        if i != j
+    ]
+    np.testing.assert_allclose(metrics["task_grad_cosine"], np.mean(cos), rtol=1e-10)
+
+
+def test_reptile_carried_inner_state_matches_naive_loop():
+    phi = _mlp_params(jax.random.PRNGKey(8))
+    inner = optax.sgd(0.1, momentum=0.9)
+    learner = mg.reptile(_mlp_loss, inner, 2, optax.sgd(0.5), reset_inner_state=False)
+    state = learner.init(phi)
+    ref_phi, ref_inner = phi, inner.init(phi)
+    for step in range(3):
+        tasks = _mlp_tasks(jax.random.PRNGKey(10 + step), 3)
+        state, _ = learner.step(state, tasks)
+        runs = [
+            _naive_task_run(
+                _mlp_loss,
+                inner,
+                ref_phi,
+                jax.tree.map(lambda x, t=t: x[t], tasks),
+                2,
+                False,
+                ref_inner,
+            )
+            for t in range(3)
+        ]
+        ref_inner = jax.tree.map(lambda *s: sum(s) / len(s), *[r[1] for r in runs])
+        ref_phi = jax.tree.map(
+            lambda p, *ts: p - 0.5 * (p - sum(ts) / len(ts)), ref_phi, *[r[0] for r in runs]
+        )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, ref_phi
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        state.inner_state,
+        ref_inner,
+    )
+
+
+def test_reptile_adapt_is_inner_loop_from_learned_init():
+    phi = _mlp_params(jax.random.PRNGKey(9))
+    inner = optax.sgd(0.1)
+    learner = mg.reptile(_mlp_loss, inner, 3, optax.adam(1e-2))
+    state, _ = learner.step(learner.init(phi), _mlp_tasks(jax.random.PRNGKey(1), 2))
+    support = jax.tree.map(lambda x: x[0], _mlp_tasks(jax.random.PRNGKey(2), 1))
+    for num_steps in (None, 5):
+        adapted = learner.adapt(state, support, num_steps)
+        expected, _ = _naive_task_run(
+            _mlp_loss, inner, state.params, support, num_steps or 3, False
+        )
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), adapted, expected
+        )
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_reptile_step_compiles_once(reset):
+    traces = []
+
+    def loss_fn(params, batch):
+        traces.append(None)
+        return _mlp_loss(params, batch)
+
+    learner = mg.reptile(
+        loss_fn,
+        optax.adam(1e-2),
+        2,
+        optax.adam(1e-3),
+        reset_inner_state=reset,
+        task_grad_cosine=True,
+    )
+    state = learner.init(_mlp_params(jax.random.PRNGKey(0)))
+    state, _ = learner.step(state, _mlp_tasks(jax.random.PRNGKey(0), 3))
+    count = len(traces)
+    for i in range(10):
+        state, metrics = learner.step(state, _mlp_tasks(jax.random.PRNGKey(i + 1), 3))
+    assert len(traces) == count
+    assert np.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(loss_fn=3), TypeError, "loss_fn"),
+        (dict(inner="sgd"), TypeError, "inner"),
+        (dict(inner_steps=0), ValueError, "inner_steps"),
+        (dict(outer=-0.1), ValueError, "outer"),
+        (dict(outer="adam"), TypeError, "outer"),
+        (dict(batch_per_step=1), TypeError, "batch_per_step"),
+        (dict(reset_inner_state=None), TypeError, "reset_inner_state"),
+        (dict(task_grad_cosine="yes"), TypeError, "task_grad_cosine"),
+    ],
+)
+def test_reptile_bad_arguments(kwargs, error, match):
+    args = dict(loss_fn=_mlp_loss, inner=optax.sgd(0.1), inner_steps=2, outer=optax.sgd(1.0))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        mg.reptile(**args)
+
+
+def test_reptile_bad_tasks():
+    phi = _mlp_params(jax.random.PRNGKey(0))
+    learner = mg.reptile(_mlp_loss, optax.sgd(0.1), 3, 1.0, batch_per_step=True)
+    state = learner.init(phi)
+    with pytest.raises(ValueError, match="tasks"):
+        learner.step(state, _mlp_tasks(jax.random.PRNGKey(0), 2, (2,)))  # 2 batches, K = 3
+    cos = mg.reptile(_mlp_loss, optax.sgd(0.1), 3, 1.0, task_grad_cosine=True)
+    with pytest.raises(ValueError, match="tasks"):
+        cos.step(cos.init(phi), _mlp_tasks(jax.random.PRNGKey(0), 1))
