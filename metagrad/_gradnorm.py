@@ -1,0 +1,170 @@
+"""GradNorm (Chen et al., 2018) as an optax transformation over per-task gradients.
+
+A baseline of Lee et al., `Sequential Reptile: Inter-Task Gradient Alignment for Multilingual
+Learning <https://openreview.net/forum?id=ivQruFJXNI>`_ (ICLR 2022). The paper it implements:
+Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask
+Networks <https://arxiv.org/abs/1711.02257>`_, ICML 2018.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metagrad import _checks
+from metagrad.mtl import _check_reduction, _reduce, check_task_axis, combine
+
+
+class GradNormState(NamedTuple):
+    """State of `gradnorm`."""
+
+    count: chex.Array  # int32 scalar, calls so far
+    weights: chex.Array  # [T] task weights w_i(t), summing to T
+    initial_losses: chex.Array  # [T] L_i(0), recorded at the first call
+    weight_state: optax.OptState  # state of the optimizer of the weights
+
+
+def gradnorm(
+    num_tasks: int,
+    alpha: float = 1.5,
+    learning_rate: float | optax.GradientTransformation = 0.025,
+    *,
+    norm_mask: Any | Callable[[Any], Any] | None = None,
+    reduction: str = "sum",
+) -> optax.GradientTransformationExtraArgs:
+    """GradNorm: task weights learned so that weighted gradient norms train at equal rates.
+
+    With task weights w_i (initially 1), per-task gradients g_i and losses L_i (``losses=``):
+
+    .. math::
+      G_i = w_i \\|g_i\\|,\\quad \\bar G = \\tfrac1T \\sum_i G_i,\\quad
+      \\tilde L_i = L_i(t)/L_i(0),\\quad r_i = \\tilde L_i / \\tfrac1T\\sum_j \\tilde L_j,
+
+      L_{grad} = \\sum_i |G_i - \\bar G\\, r_i^{\\alpha}|,
+
+    with the targets Ḡ r_i^α held constant, so ∂L_grad/∂w_i = sign(G_i − Ḡ r_i^α)·‖g_i‖. The
+    call returns g = sum_i w_i(t) g_i (the current weights, as in the paper's Algorithm 1), then
+    steps the weights on ∂L_grad/∂w with `learning_rate` and renormalises them to sum to T. A task
+    whose weighted gradient norm is below its target (it trains too slowly, or its gradient is
+    small) gets its weight increased.
+
+    The paper measures ‖g_i‖ on the last shared layer W. Here the norms are over the per-task
+    gradients given, i.e. the whole model by default; `norm_mask` restricts them to a subset of
+    the leaves (e.g. the last shared layer). L_i(0) is the `losses` of the first call. The losses
+    must be positive (r_i is a ratio of losses); shift losses that can be negative.
+
+    Args:
+      num_tasks: T, the size of the leading task axis.
+      alpha: the asymmetry α >= 0 (0 equalises norms; the paper uses 0.12 to 3, default 1.5).
+      learning_rate: a float (SGD on the weights with that step) or an optax optimizer for the
+        weights. Default 0.025 (a choice).
+      norm_mask: None (whole model), a pytree of bools with the structure of params, or a
+        callable mapping params to one; leaves marked True enter ‖g_i‖.
+      reduction: ``"sum"`` (default: sum_i w_i g_i with sum_i w_i = T) or ``"mean"`` (divided
+        by T).
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`; call ``update(updates, state, params,
+      losses=losses)`` with updates of leaves ``[T, ...]`` and losses of shape ``[T]``.
+
+    Example:
+      >>> import jax.numpy as jnp, metagrad as mg
+      >>> tx = mg.gradnorm(num_tasks=2, alpha=1.0, learning_rate=0.1)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> g = jnp.array([[4.0, 0.0], [0.0, 1.0]])  # task 2's gradient is smaller
+      >>> out, state = tx.update(g, state, losses=jnp.array([1.0, 1.0]))
+      >>> out.tolist(), [round(float(w), 2) for w in state.weights]
+      ([4.0, 1.0], [0.71, 1.29])
+
+    References:
+      Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep
+      Multitask Networks <https://arxiv.org/abs/1711.02257>`_, ICML 2018 (Algorithm 1).
+    """
+    num_tasks = _checks.positive_int("num_tasks", num_tasks)
+    alpha = _checks.positive_float("alpha", alpha, allow_zero=True)
+    if isinstance(learning_rate, optax.GradientTransformation):
+        weight_opt = learning_rate
+    else:
+        weight_opt = optax.sgd(_checks.positive_float("learning_rate", learning_rate))
+    _check_reduction(reduction)
+    if norm_mask is not None and not callable(norm_mask):
+        for leaf in jax.tree.leaves(norm_mask):
+            if not isinstance(leaf, (bool, np.bool_)):
+                raise TypeError(f"norm_mask leaves must be bools, got {leaf!r}")
+
+    def init_fn(params):
+        del params
+        weights = jnp.ones((num_tasks,), jnp.result_type(float))
+        return GradNormState(
+            count=jnp.zeros([], jnp.int32),
+            weights=weights,
+            initial_losses=jnp.ones_like(weights),
+            weight_state=weight_opt.init(weights),
+        )
+
+    def task_norms(updates, params):
+        if norm_mask is None:
+            selected = jax.tree.leaves(updates)
+        else:
+            if callable(norm_mask):
+                if params is None:
+                    raise ValueError("gradnorm with a callable norm_mask needs params in update")
+                mask = norm_mask(params)
+            else:
+                mask = norm_mask
+            if jax.tree.structure(mask) != jax.tree.structure(updates):
+                raise ValueError(
+                    "norm_mask must have the tree structure of params; got "
+                    f"{jax.tree.structure(mask)}, expected {jax.tree.structure(updates)}"
+                )
+            selected = [
+                u for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(mask), strict=True) if m
+            ]
+            if not selected:
+                raise ValueError("norm_mask selects no leaf; mark at least one leaf True")
+        sq = sum(jnp.sum(jnp.abs(jnp.reshape(u, (num_tasks, -1))) ** 2, axis=1) for u in selected)
+        return jnp.sqrt(sq)
+
+    def update_fn(updates, state, params=None, *, losses=None, **extra_args):
+        del extra_args
+        check_task_axis(updates, params, num_tasks)
+        if losses is None:
+            raise ValueError(
+                "gradnorm needs the per-task losses: call update(updates, state, params, "
+                "losses=losses) with losses of shape [num_tasks]"
+            )
+        losses = jnp.asarray(losses)
+        if losses.shape != (num_tasks,):
+            raise ValueError(f"losses must have shape ({num_tasks},), got {losses.shape}")
+        dtype = state.weights.dtype
+        losses = jax.lax.stop_gradient(losses.astype(dtype))
+        norms = jax.lax.stop_gradient(task_norms(updates, params).astype(dtype))
+        weights = state.weights
+
+        initial = jnp.where(state.count == 0, losses, state.initial_losses)
+        ratio = losses / initial
+        inverse_rate = ratio / jnp.mean(ratio)
+        weighted = weights * norms
+        target = jnp.mean(weighted) * inverse_rate**alpha
+        # d/dw_i |w_i n_i - target_i| with the target held constant.
+        grad_w = jnp.sign(weighted - target) * norms
+        step, weight_state = weight_opt.update(grad_w, state.weight_state, weights)
+        new_weights = optax.apply_updates(weights, step)
+        new_weights = new_weights * (num_tasks / jnp.sum(new_weights))
+
+        out = combine(updates, _reduce(weights, reduction, num_tasks))
+        new_state = GradNormState(
+            count=optax.safe_increment(state.count),
+            weights=new_weights,
+            initial_losses=initial,
+            weight_state=weight_state,
+        )
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,416 @@
+"""Multi-task gradient surgery: plain MTL, PCGrad and GradVac as optax transformations.
+
+These are the multi-task baselines of Lee et al., `Sequential Reptile: Inter-Task Gradient
+Alignment for Multilingual Learning <https://openreview.net/forum?id=ivQruFJXNI>`_ (ICLR 2022):
+plain multi-task learning (the sum of the task gradients), PCGrad (Yu et al., 2020) and GradVac
+(Wang et al., 2021). GradNorm and RecAdam live in `metagrad._gradnorm` and `metagrad._recadam`.
+
+Every combiner here takes per-task gradients stacked on a leading task axis (each leaf of the
+update has shape ``[T, *param_shape]``, as `jax.vmap` of a per-task gradient gives) and returns
+one combined gradient without the task axis, so it chains with any optimizer::
+
+    per_task = jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, task_batches)
+    tx = optax.chain(mg.pcgrad(seed=0), optax.adam(1e-3))
+    updates, state = tx.update(per_task, state, params)
+
+Both surgeries act on linear combinations of the original task gradients, so they are computed
+in the T×T space of the Gram matrix ``G_ij = <g_i, g_j>``: each surgered gradient is
+``g_i' = sum_j C_ij g_j`` and the output is ``sum_j (sum_i C_ij) g_j``. The parameter-sized work
+is one Gram matrix and one weighted sum per leaf, whatever the number of projections.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metagrad import _checks
+
+_REDUCTIONS = ("sum", "mean")
+_GRANULARITIES = ("global", "leaf")
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers (private; also used by metagrad._gradnorm).
+
+
+def check_task_axis(updates: Any, params: Any = None, num_tasks: int | None = None) -> int:
+    """Checks `updates` is stacked on a leading task axis; returns the number of tasks T."""
+    leaves_with_path = jax.tree_util.tree_leaves_with_path(updates)
+    if not leaves_with_path:
+        raise ValueError("updates must have at least one leaf (per-task gradients)")
+    sizes = {}
+    for path, leaf in leaves_with_path:
+        if np.ndim(leaf) == 0:
+            raise ValueError(
+                "updates must be per-task gradients stacked on a leading task axis; the leaf at "
+                f"{jax.tree_util.keystr(path)} is a scalar"
+            )
+        sizes.setdefault(np.shape(leaf)[0], jax.tree_util.keystr(path))
+    if len(sizes) > 1:
+        detail = ", ".join(f"{where or 'root'}: {size}" for size, where in sizes.items())
+        raise ValueError(
+            "updates must share one leading task axis; leading sizes differ across leaves "
+            f"({detail})"
+        )
+    (num,) = sizes
+    if num_tasks is not None and num != num_tasks:
+        raise ValueError(
+            f"updates have {num} tasks on their leading task axis but num_tasks={num_tasks}"
+        )
+    if params is not None:
+        pdef, udef = jax.tree.structure(params), jax.tree.structure(updates)
+        if pdef != udef:
+            raise ValueError(
+                f"updates must have the tree structure of params; got {udef}, expected {pdef}"
+            )
+        for (path, leaf), p in zip(leaves_with_path, jax.tree.leaves(params), strict=True):
+            if np.shape(leaf) != (num, *np.shape(p)):
+                raise ValueError(
+                    "updates must be per-task gradients stacked on a leading task axis: at "
+                    f"{jax.tree_util.keystr(path)} got shape {np.shape(leaf)}, expected "
+                    f"{(num, *np.shape(p))} (params shape {np.shape(p)} with {num} tasks)"
+                )
+    return num
+
+
+def _flat(leaf: jax.Array) -> jax.Array:
+    return jnp.reshape(leaf, (leaf.shape[0], -1))
+
+
+def leaf_grams(updates: Any) -> jax.Array:
+    """Per-leaf Gram matrices of the task gradients, shape [num_leaves, T, T]."""
+    grams = []
+    for leaf in jax.tree.leaves(updates):
+        a = _flat(leaf)
+        a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
+        grams.append(jnp.matmul(a, jnp.conj(a).T, precision=jax.lax.Precision.HIGHEST).real)
+    return jnp.stack(grams)
+
+
+def combine(updates: Any, weights: jax.Array) -> Any:
+    """Returns sum_j weights[..., j] * g_j per leaf; weights is [T] or [num_leaves, T]."""
+    leaves, treedef = jax.tree.flatten(updates)
+    out = []
+    for n, leaf in enumerate(leaves):
+        w = weights if weights.ndim == 1 else weights[n]
+        out.append(jnp.tensordot(w.astype(leaf.dtype), leaf, axes=1))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _check_reduction(reduction: str) -> str:
+    return _checks.one_of("reduction", reduction, _REDUCTIONS)
+
+
+def _reduce(weights: jax.Array, reduction: str, num_tasks: int) -> jax.Array:
+    return weights / num_tasks if reduction == "mean" else weights
+
+
+def _key_from_seed(seed: int | jax.Array) -> jax.Array:
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return jax.random.PRNGKey(int(seed))
+    if isinstance(seed, jax.Array):
+        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            return jax.random.key_data(seed)
+        if seed.dtype == jnp.uint32 and seed.shape == (2,):
+            return seed
+    raise TypeError(
+        f"seed must be an int or a jax.random key, got {seed!r} of type {type(seed).__name__}"
+    )
+
+
+def _orders(key: jax.Array, num_tasks: int, shuffle: bool) -> jax.Array:
+    """Visiting order of the tasks, one row per task i (i itself is skipped when visited)."""
+    if not shuffle:
+        return jnp.tile(jnp.arange(num_tasks), (num_tasks, 1))
+    keys = jax.random.split(key, num_tasks)
+    return jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(keys)
+
+
+def _grams_for(updates: Any, granularity: str) -> jax.Array:
+    grams = leaf_grams(updates)
+    return jnp.sum(grams, axis=0, keepdims=True) if granularity == "global" else grams
+
+
+# --------------------------------------------------------------------------------------------
+# Plain MTL.
+
+
+def mtl_sum(reduction: str = "sum") -> optax.GradientTransformation:
+    """Plain multi-task learning: combines per-task gradients by summing over the task axis.
+
+    .. math:: g = \\sum_{t=1}^T g_t \\quad (\\text{or } \\tfrac1T \\sum_t g_t)
+
+    The Sequential Reptile paper's MTL baseline minimises the sum of the task losses (its Eq. 1),
+    whose gradient is the sum; ``reduction="mean"`` gives the mean, the same direction with a
+    step T times smaller (equivalently, a learning rate divided by T).
+
+    Args:
+      reduction: ``"sum"`` (default, the paper's MTL objective) or ``"mean"``.
+
+    Returns:
+      An `optax.GradientTransformation` mapping updates with leaves ``[T, ...]`` to the combined
+      gradient with leaves ``[...]``; its state is empty.
+
+    Example:
+      >>> import jax.numpy as jnp, metagrad as mg
+      >>> tx = mg.mtl_sum()
+      >>> g = {"w": jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])}  # 3 tasks
+      >>> out, _ = tx.update(g, tx.init({"w": jnp.zeros(2)}))
+      >>> out["w"].tolist()
+      [2.0, 3.0]
+
+    References:
+      Lee et al., `Sequential Reptile: Inter-Task Gradient Alignment for Multilingual Learning
+      <https://openreview.net/forum?id=ivQruFJXNI>`_, ICLR 2022 (Eq. 1).
+    """
+    _check_reduction(reduction)
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        num_tasks = check_task_axis(updates, params)
+        weights = _reduce(jnp.ones((num_tasks,)), reduction, num_tasks)
+        return combine(updates, weights), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# PCGrad.
+
+
+class PCGradState(NamedTuple):
+    """State of `pcgrad`."""
+
+    count: chex.Array  # int32 scalar, calls so far
+    key: chex.Array  # uint32[2] PRNG key for the visiting orders
+
+
+def _pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> jax.Array:
+    """C with g_i' = sum_j C_ij g_j after PCGrad's projections, from the Gram matrix."""
+    num_tasks = gram.shape[0]
+    eye = jnp.eye(num_tasks, dtype=gram.dtype)
+    diag = jnp.diagonal(gram)
+    safe_sq = jnp.where(diag > 0, diag, 1.0)
+
+    def one_task(i, order):
+        def visit(c, j):
+            # <g_i', g_j> with the surgered g_i' and the ORIGINAL g_j (Yu et al., Algorithm 1).
+            dot = c @ gram[:, j]
+            conflict = (j != i) & (dot < 0)
+            return c - jnp.where(conflict, dot / safe_sq[j], 0.0) * eye[j], None
+
+        c, _ = jax.lax.scan(visit, eye[i], order)
+        return c
+
+    return jax.vmap(one_task)(jnp.arange(num_tasks), orders)
+
+
+def pcgrad(
+    seed: int | jax.Array = 0,
+    *,
+    reduction: str = "sum",
+    shuffle: bool = True,
+    granularity: str = "global",
+) -> optax.GradientTransformation:
+    """PCGrad: projects each task gradient off the task gradients it conflicts with.
+
+    For each task i, starting from g_i' = g_i, visit the other tasks j in a random order and
+    remove the conflicting component along the original g_j:
+
+    .. math::
+      \\text{if } \\langle g_i', g_j\\rangle < 0:\\quad
+      g_i' \\leftarrow g_i' - \\frac{\\langle g_i', g_j\\rangle}{\\|g_j\\|^2} g_j,
+      \\qquad g = \\sum_i g_i'.
+
+    Non-conflicting task gradients pass unchanged (the output is then the plain sum). Each task
+    i gets its own random order, a permutation drawn from a PRNG key held in the state (seeded
+    by `seed` at construction and split every call), so runs are reproducible and checkpointable.
+
+    Args:
+      seed: an int or a `jax.random` key seeding the visiting orders.
+      reduction: ``"sum"`` (default, as in the paper) or ``"mean"`` over the surgered gradients.
+      shuffle: if False, visit the tasks in index order 0..T-1 (deterministic; not the paper).
+      granularity: ``"global"`` (default: dot products over the whole model, as in the paper)
+        or ``"leaf"`` (each parameter leaf gets its own projections).
+
+    Returns:
+      An `optax.GradientTransformation` from leaves ``[T, ...]`` to the combined gradient.
+
+    Example:
+      >>> import jax.numpy as jnp, metagrad as mg
+      >>> tx = mg.pcgrad(seed=0)
+      >>> g = jnp.array([[1.0, 0.0], [-1.0, 1.0]])  # conflicting: <g1, g2> = -1
+      >>> out, state = tx.update(g, tx.init(jnp.zeros(2)))
+      >>> out.tolist()  # g1 -> (0.5, 0.5), g2 -> (0, 1)
+      [0.5, 1.5]
+
+    References:
+      Yu et al., `Gradient Surgery for Multi-Task Learning <https://arxiv.org/abs/2001.06782>`_,
+      NeurIPS 2020 (Algorithm 1).
+    """
+    key0 = _key_from_seed(seed)
+    _check_reduction(reduction)
+    _checks.one_of("granularity", granularity, _GRANULARITIES)
+    if not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle must be a bool, got {shuffle!r}")
+
+    def init_fn(params):
+        del params
+        return PCGradState(count=jnp.zeros([], jnp.int32), key=key0)
+
+    def update_fn(updates, state, params=None):
+        num_tasks = check_task_axis(updates, params)
+        key, sub = jax.random.split(state.key)
+        orders = _orders(sub, num_tasks, shuffle)
+        grams = _grams_for(updates, granularity)
+        coeffs = jax.vmap(_pcgrad_coefficients, in_axes=(0, None))(grams, orders)
+        weights = _reduce(jnp.sum(coeffs, axis=1), reduction, num_tasks)  # [groups, T]
+        weights = weights[0] if granularity == "global" else weights
+        new_state = PCGradState(count=optax.safe_increment(state.count), key=key)
+        return combine(updates, weights), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# GradVac.
+
+
+class GradVacState(NamedTuple):
+    """State of `gradvac`."""
+
+    count: chex.Array  # int32 scalar, calls so far
+    key: chex.Array  # uint32[2] PRNG key for the visiting orders
+    target: chex.Array  # [groups, T, T] EMA target cosine phi_hat_ij (groups = 1 or #leaves)
+
+
+def _gradvac_coefficients(gram, orders, target, beta, eps):
+    """GradVac's C (g_i' = sum_j C_ij g_j) and the updated EMA targets, from the Gram matrix."""
+    num_tasks = gram.shape[0]
+    eye = jnp.eye(num_tasks, dtype=gram.dtype)
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+
+    def one_task(i, order, target_row):
+        def visit(carry, j):
+            c, row = carry
+            norm_i = jnp.sqrt(jnp.maximum(c @ gram @ c, 0.0))
+            phi = (c @ gram[:, j]) / (norm_i * norms[j] + eps)
+            phi_hat = row[j]
+            sin = jnp.sqrt(jnp.maximum(1.0 - phi**2, 0.0))
+            sin_hat = jnp.sqrt(jnp.maximum(1.0 - phi_hat**2, 0.0))
+            # The coefficient that brings cos(g_i', g_j) up to phi_hat (Wang et al., Eq. 3).
+            w = norm_i * (phi_hat * sin - phi * sin_hat) / (norms[j] * sin_hat + eps)
+            other = j != i
+            c = c + jnp.where(other & (phi < phi_hat), w, 0.0) * eye[j]
+            row = row.at[j].set(jnp.where(other, (1.0 - beta) * phi_hat + beta * phi, phi_hat))
+            return (c, row), None
+
+        (c, row), _ = jax.lax.scan(visit, (eye[i], target_row), order)
+        return c, row
+
+    return jax.vmap(one_task)(jnp.arange(num_tasks), orders, target)
+
+
+def gradvac(
+    num_tasks: int,
+    beta: float = 0.01,
+    seed: int | jax.Array = 0,
+    *,
+    reduction: str = "sum",
+    shuffle: bool = True,
+    granularity: str = "global",
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """GradVac (Gradient Vaccine): raises each pairwise cosine toward an EMA target.
+
+    Keeps a target cosine similarity per task pair, phi_hat_ij (initially 0). For each task i,
+    starting from g_i' = g_i, visit the other tasks j in a random order; with
+    phi_ij = cos(g_i', g_j):
+
+    .. math::
+      \\text{if } \\phi_{ij} < \\hat\\phi_{ij}:\\quad
+      g_i' \\leftarrow g_i' + \\frac{\\|g_i'\\| (\\hat\\phi_{ij}\\sqrt{1-\\phi_{ij}^2}
+        - \\phi_{ij}\\sqrt{1-\\hat\\phi_{ij}^2})}{\\|g_j\\| \\sqrt{1-\\hat\\phi_{ij}^2}} g_j,
+      \\qquad \\hat\\phi_{ij} \\leftarrow (1-\\beta)\\hat\\phi_{ij} + \\beta \\phi_{ij},
+
+    and return g = sum_i g_i'. The adjustment makes cos(g_i', g_j) equal phi_hat_ij. Choices
+    where the paper is brief: phi_ij is measured with the partly adjusted g_i' and the original
+    g_j, the target is updated with that phi_ij for every visited pair (adjusted or not), and
+    the order is random per task, as in PCGrad.
+
+    Args:
+      num_tasks: T, the size of the leading task axis (fixes the shape of the targets).
+      beta: EMA rate of the targets, in (0, 1]. Default 0.01 (a choice).
+      seed: an int or a `jax.random` key seeding the visiting orders.
+      reduction: ``"sum"`` (default) or ``"mean"`` over the adjusted gradients.
+      shuffle: if False, visit tasks in index order (deterministic).
+      granularity: ``"global"`` (default: one target per pair for the whole model, the paper's
+        "whole model" variant) or ``"leaf"`` (one target per pair and per parameter leaf, the
+        finest of the paper's granularities).
+      eps: added to the denominators of the cosine and of the coefficient.
+
+    Returns:
+      An `optax.GradientTransformation` from leaves ``[T, ...]`` to the combined gradient; its
+      state holds the targets, shape ``[groups, T, T]``.
+
+    Example:
+      >>> import jax.numpy as jnp, metagrad as mg
+      >>> tx = mg.gradvac(num_tasks=2, beta=0.5)
+      >>> g = jnp.array([[1.0, 0.0], [0.0, 1.0]])  # orthogonal: phi = 0 = initial target
+      >>> out, state = tx.update(g, tx.init(jnp.zeros(2)))
+      >>> out.tolist(), state.target.shape
+      ([1.0, 1.0], (1, 2, 2))
+
+    References:
+      Wang et al., `Gradient Vaccine: Investigating and Improving Multi-task Optimization in
+      Massively Multilingual Models <https://arxiv.org/abs/2010.05874>`_, ICLR 2021.
+    """
+    num_tasks = _checks.positive_int("num_tasks", num_tasks)
+    beta = _checks.positive_float("beta", beta)
+    if beta > 1.0:
+        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    eps = _checks.positive_float("eps", eps, allow_zero=True)
+    key0 = _key_from_seed(seed)
+    _check_reduction(reduction)
+    _checks.one_of("granularity", granularity, _GRANULARITIES)
+    if not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle must be a bool, got {shuffle!r}")
+
+    def init_fn(params):
+        groups = 1 if granularity == "global" else len(jax.tree.leaves(params))
+        dtype = jnp.result_type(float)
+        return GradVacState(
+            count=jnp.zeros([], jnp.int32),
+            key=key0,
+            target=jnp.zeros((groups, num_tasks, num_tasks), dtype),
+        )
+
+    def update_fn(updates, state, params=None):
+        check_task_axis(updates, params, num_tasks)
+        groups = 1 if granularity == "global" else len(jax.tree.leaves(updates))
+        if state.target.shape != (groups, num_tasks, num_tasks):
+            raise ValueError(
+                f"state.target has shape {state.target.shape}, expected "
+                f"{(groups, num_tasks, num_tasks)}: was the state initialised with these params?"
+            )
+        key, sub = jax.random.split(state.key)
+        orders = _orders(sub, num_tasks, shuffle)
+        grams = _grams_for(updates, granularity).astype(state.target.dtype)
+        coeffs, target = jax.vmap(_gradvac_coefficients, in_axes=(0, None, 0, None, None))(
+            grams, orders, state.target, beta, eps
+        )
+        weights = _reduce(jnp.sum(coeffs, axis=1), reduction, num_tasks)
+        weights = weights[0] if granularity == "global" else weights
+        new_state = GradVacState(count=optax.safe_increment(state.count), key=key, target=target)
+        return combine(updates, weights), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
