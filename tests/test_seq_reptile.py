@@ -1,0 +1,188 @@
+"""Tests for metagrad/seq_reptile.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metagrad as mg
+
+NUM_TASKS = 3
+
+
+def _loss(params, batch, task_id):
+    # A shared trunk and one linear head per task, picked by the task id.
+    x, y = batch
+    h = jnp.tanh(x @ params["w"])
+    return jnp.mean((h @ params["heads"][task_id] - y) ** 2)
+
+
+# Jitted only to keep the reference loops fast; the loops themselves stay plain Python.
+_grad = jax.jit(jax.grad(_loss), static_argnums=2)
+
+
+def _params(key):
+    k1, k2 = jax.random.split(key)
+    return {
+        "w": jax.random.normal(k1, (2, 3)) * 0.5,
+        "heads": jax.random.normal(k2, (NUM_TASKS, 3, 1)) * 0.5,
+    }
+
+
+def _batches(key, k):
+    k1, k2 = jax.random.split(key)
+    return jax.random.normal(k1, (k, 4, 2)), jax.random.normal(k2, (k, 4, 1))
+
+
+def _assert_tree_close(a, b, rtol=1e-5, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def _naive_seq_reptile(phi, inner, outer_lr, steps, reset):
+    """Algorithm 1 of Lee et al. (2022) as Python loops; `steps` = [(ids, batches), ...]."""
+    inner_state = inner.init(phi)
+    for ids, batches in steps:
+        if reset:
+            inner_state = inner.init(phi)
+        theta = phi
+        for k, t in enumerate(np.asarray(ids)):
+            batch = jax.tree.map(lambda x, k=k: x[k], batches)
+            g = _grad(theta, batch, int(t))
+            u, inner_state = inner.update(g, inner_state, theta)
+            theta = optax.apply_updates(theta, u)
+        phi = jax.tree.map(lambda p, th: p - outer_lr * (p - th), phi, theta)
+    return phi
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_seq_reptile_matches_naive_algorithm(reset):
+    k = 4
+    phi = _params(jax.random.PRNGKey(0))
+    inner = optax.adam(0.05)
+    steps = [
+        (
+            mg.sample_tasks(jax.random.PRNGKey(10 + i), mg.task_probs([10, 20, 40], q=0.2), k),
+            _batches(jax.random.PRNGKey(20 + i), k),
+        )
+        for i in range(3)
+    ]
+    learner = mg.seq_reptile(_loss, inner, k, 0.3, reset_inner_state=reset)
+    state = learner.init(phi)
+    for tasks in steps:
+        state, metrics = learner.step(state, tasks)
+    _assert_tree_close(state.params, _naive_seq_reptile(phi, inner, 0.3, steps, reset))
+    assert set(metrics) == {"loss", "first_loss", "meta_grad_norm"}
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_seq_reptile_on_one_task_equals_reptile_outer(reset):
+    k, outer_steps = 3, 3
+    phi = _params(jax.random.PRNGKey(1))
+    inner, outer = optax.adam(0.05), optax.adam(0.1)
+    learner = mg.seq_reptile(
+        lambda p, b: _loss(p, b, 1), inner, k, outer, reset_inner_state=reset, pass_task_id=False
+    )
+    tx = mg.reptile_outer(inner, k, outer, reset_inner_state=reset)
+    state, tx_state, params = learner.init(phi), tx.init(phi), phi
+    for i in range(outer_steps):
+        batches = _batches(jax.random.PRNGKey(30 + i), k)
+        state, metrics = learner.step(state, (jnp.zeros(k, jnp.int32), batches))
+        for j in range(k):
+            g = _grad(params, jax.tree.map(lambda x, j=j: x[j], batches), 1)
+            u, tx_state = tx.update(g, tx_state, params)
+            params = optax.apply_updates(params, u)
+        _assert_tree_close(state.params, tx_state.outer_params)
+    _assert_tree_close(params, state.params)
+
+
+def test_seq_reptile_task_grad_cosine_is_inter_task_mean():
+    k = 5
+    phi = _params(jax.random.PRNGKey(2))
+    ids = jnp.array([0, 1, 0, 2, 1], jnp.int32)
+    batches = _batches(jax.random.PRNGKey(3), k)
+    learner = mg.seq_reptile(_loss, optax.sgd(0.1), k, 0.5, task_grad_cosine=True)
+    _, metrics = learner.step(learner.init(phi), (ids, batches))
+    grads = []
+    for j in range(k):
+        g = _grad(phi, jax.tree.map(lambda x, j=j: x[j], batches), int(ids[j]))
+        grads.append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]))
+    cos = [
+        grads[i] @ grads[j] / np.linalg.norm(grads[i]) / np.linalg.norm(grads[j])
+        for i in range(k)
+        for j in range(k)
+        if ids[i] != ids[j]
+    ]
+    np.testing.assert_allclose(metrics["task_grad_cosine"], np.mean(cos), rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics["first_loss"], _loss(phi, jax.tree.map(lambda x: x[0], batches), 0), rtol=1e-6
+    )
+
+
+def test_seq_reptile_adapt():
+    phi = _params(jax.random.PRNGKey(4))
+    inner = optax.sgd(0.1)
+    learner = mg.seq_reptile(_loss, inner, 2, 1.0)
+    state = learner.init(phi)
+    batch = jax.tree.map(lambda x: x[0], _batches(jax.random.PRNGKey(5), 1))
+    adapted = learner.adapt(state, (2, batch), 3)
+    theta = phi
+    for _ in range(3):
+        theta = jax.tree.map(lambda p, g: p - 0.1 * g, theta, _grad(theta, batch, 2))
+    _assert_tree_close(adapted, theta)
+    with pytest.raises(TypeError, match="support"):
+        learner.adapt(state, batch[0])
+
+
+def test_seq_reptile_step_compiles_once():
+    traces = []
+
+    def loss_fn(params, batch, task_id):
+        traces.append(None)
+        return _loss(params, batch, task_id)
+
+    k = 3
+    learner = mg.seq_reptile(loss_fn, optax.adam(1e-2), k, optax.adam(1e-3), task_grad_cosine=True)
+    state = learner.init(_params(jax.random.PRNGKey(0)))
+    probs = mg.task_probs([1, 2, 3], q=1.0)
+    count = None
+    for i in range(11):
+        ids = mg.sample_tasks(jax.random.PRNGKey(i), probs, k)
+        state, metrics = learner.step(state, (ids, _batches(jax.random.PRNGKey(i), k)))
+        count = len(traces) if count is None else count
+    assert len(traces) == count
+    assert np.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(loss_fn=None), TypeError, "loss_fn"),
+        (dict(inner=optax.sgd), TypeError, "inner"),
+        (dict(inner_steps=-1), ValueError, "inner_steps"),
+        (dict(outer=0.0), ValueError, "outer"),
+        (dict(reset_inner_state="no"), TypeError, "reset_inner_state"),
+        (dict(pass_task_id=0), TypeError, "pass_task_id"),
+        (dict(task_grad_cosine=1), TypeError, "task_grad_cosine"),
+    ],
+)
+def test_seq_reptile_bad_arguments(kwargs, error, match):
+    args = dict(loss_fn=_loss, inner=optax.sgd(0.1), inner_steps=2, outer=0.5)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        mg.seq_reptile(**args)
+
+
+def test_seq_reptile_bad_tasks():
+    k = 3
+    learner = mg.seq_reptile(_loss, optax.sgd(0.1), k, 0.5)
+    state = learner.init(_params(jax.random.PRNGKey(0)))
+    batches = _batches(jax.random.PRNGKey(0), k)
+    with pytest.raises(TypeError, match="tasks"):
+        learner.step(state, batches[0])
+    with pytest.raises(ValueError, match="task_ids"):
+        learner.step(state, (jnp.zeros(2, jnp.int32), batches))
+    with pytest.raises(TypeError, match="task_ids"):
+        learner.step(state, (jnp.zeros(k), batches))
+    with pytest.raises(ValueError, match="batches"):
+        learner.step(state, (jnp.zeros(k, jnp.int32), _batches(jax.random.PRNGKey(0), k + 1)))
