@@ -96,26 +96,44 @@ def _inner_loop(
     loss_fn, rule, params, inner_params, carry, state, support, query, num_steps, *,
     first_order, remat, step_query, alignment,
 ):  # fmt: skip
-    """Runs `num_steps` inner steps on a task batch; params etc. carry the task axis."""
+    """Runs `num_steps` inner steps on a task batch from the shared initialization `params`.
 
-    def body(c, k):
-        params, state, carry = c
-        losses, grads = jax.vmap(jax.value_and_grad(loss_fn))(params, support)
+    `state`, `support` and `query` carry the task axis, `params` does not. The first step
+    is peeled out of the scan so its gradient is taken at the unbroadcast params (one
+    matmul for the whole batch instead of a batched matmul over copies of the weights).
+    """
+    num_tasks = jax.tree.leaves(support)[0].shape[0]
+
+    def one_step(params, state, carry, k, shared):
+        in_axes = (None, 0) if shared else (0, 0)
+        losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes)(params, support)
         if first_order:
             grads = jax.lax.stop_gradient(grads)
         out = {"support_loss": losses}
         if alignment:
             out["alignment"] = _mean_pairwise_cosine(grads)
-        updates, state, carry = rule.update(grads, state, params, inner_params, carry, k)
-        params = optax.apply_updates(params, updates)
+        batched = _broadcast(params, num_tasks) if shared else params
+        updates, state, carry = rule.update(grads, state, batched, inner_params, carry, k)
+        # Broadcasting adds the shared params to each task's update.
+        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
         if step_query:
             out["query_loss"] = jax.vmap(loss_fn)(params, query)
+        return params, state, carry, out
+
+    def body(c, k):
+        params, state, carry, out = one_step(*c, k, shared=False)
         return (params, state, carry), out
 
+    first = one_step
     if remat:
+        first = jax.checkpoint(one_step, prevent_cse=False, static_argnums=(4,))
         body = jax.checkpoint(body, prevent_cse=False)
-    steps = jnp.arange(num_steps, dtype=jnp.int32)
-    (params, state, carry), outs = jax.lax.scan(body, (params, state, carry), steps)
+    params, state, carry, out0 = first(params, state, carry, jnp.zeros((), jnp.int32), True)
+    outs = jax.tree.map(lambda x: x[None], out0)
+    if num_steps > 1:
+        steps = jnp.arange(1, num_steps, dtype=jnp.int32)
+        (params, state, carry), rest = jax.lax.scan(body, (params, state, carry), steps)
+        outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, rest)
     return params, state, carry, outs
 
 
@@ -259,7 +277,7 @@ def maml(
         def objective(diff):
             params, inner_params = diff
             params_t, istate, carry, outs = _inner_loop(
-                loss_fn, rule, _broadcast(params, num_tasks), inner_params, carry0, istate0,
+                loss_fn, rule, params, inner_params, carry0, istate0,
                 support, query, inner_steps, first_order=first_order, remat=remat,
                 step_query=step_query, alignment=alignment,
             )  # fmt: skip
@@ -290,10 +308,9 @@ def maml(
 
     def adapt_fn(state, support, num_steps):
         support = jax.tree.map(lambda x: jnp.asarray(x)[None], support)
-        params = _broadcast(state.params, 1)
         istate = start_state(state, 1)
         params_t, *_ = _inner_loop(
-            loss_fn, rule, params, state.inner_params, eval_carry(state.carry), istate,
+            loss_fn, rule, state.params, state.inner_params, eval_carry(state.carry), istate,
             support, None, num_steps, first_order=True, remat=False, step_query=False,
             alignment=False,
         )  # fmt: skip
