@@ -152,6 +152,36 @@ def _link_latest(out: pathlib.Path) -> None:
         pass  # e.g. a file system without symlinks: the printed path is enough
 
 
+# -- helpers for experiment modules ---------------------------------------------------------
+
+
+class MethodUnavailable(RuntimeError):
+    """A metagrad function an experiment needs is not (yet) part of the public API."""
+
+
+def require(name: str):
+    """Returns `metagrad.<name>`, a public function, or raises `MethodUnavailable`.
+
+    A missing method must be reported, not silently skipped, and `mg.reptile` may be
+    the submodule `metagrad.reptile` rather than a function while the library is built.
+    """
+    import metagrad
+
+    obj = getattr(metagrad, name, None)
+    if name not in getattr(metagrad, "__all__", ()) or not callable(obj):
+        raise MethodUnavailable(f"metagrad.{name} is not available in this version of metagrad")
+    return obj
+
+
+def error_row(out_dir: pathlib.Path, method: str, error: BaseException) -> dict:
+    """A table row for a method that could not run; appends its traceback to errors.txt."""
+    with open(pathlib.Path(out_dir) / "errors.txt", "a") as f:
+        f.write(f"== {method}\n")
+        f.write("".join(traceback.format_exception(error)))
+    kind = "unavailable" if isinstance(error, MethodUnavailable) else "failed"
+    return {"method": method, "error": f"{kind}: {type(error).__name__}: {error}"}
+
+
 # -- table -----------------------------------------------------------------------------------
 
 _ERROR_SUFFIXES = ("_ci95", "_stderr")
