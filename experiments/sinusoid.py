@@ -209,10 +209,7 @@ def build_method(name: str, cfg: Config) -> Method:
         return _from_learner(learner, shots)
     if name == "reptile":
         learner = runner.require("reptile")(
-            mse_loss,
-            inner_optimizer=optax.sgd(INNER_LR),
-            inner_steps=cfg.reptile_inner_steps,
-            outer_lr=optax.adam(OUTER_LR),
+            mse_loss, optax.sgd(INNER_LR), cfg.reptile_inner_steps, optax.adam(OUTER_LR)
         )
 
         def step(state, key):
@@ -284,7 +281,7 @@ def train(method: Method, params, key, cfg: Config, *, progress: bool, desc: str
             losses.append(np.asarray(loss))
             bar.update(len(chunk))
             bar.set_postfix(loss=f"{float(np.mean(losses[-1])):.3f}")
-    return method.params_of(state), np.concatenate(losses)
+    return state, np.concatenate(losses)
 
 
 def _sgd_curve(params, support, query, num_steps: int):
@@ -318,19 +315,51 @@ def _evaluate_impl(params, key, num_tasks):
 _evaluate = jax.jit(_evaluate_impl, static_argnums=2)
 
 
-def _learner_adapt_curve(learner, state, key, num_tasks):
-    """Query MSE after the learner's own inner loop (its `adapt`), per evaluation shot count."""
-    out = {}
-    for shots in EVAL_SHOTS:
-        k = jax.random.fold_in(key, shots)
-        support, query, _ = sinusoid_tasks(k, num_tasks, shots, EVAL_QUERY)
-        adapted = jax.jit(jax.vmap(lambda s: learner.adapt(state, s)))(support)
-        out[shots] = np.asarray(jax.vmap(mse_loss)(adapted, query))
+def _learner_adapt_curves(learner, state, key, num_tasks: int) -> np.ndarray:
+    """Like `evaluate`, adapting with the learner's own inner loop (`learner.adapt`).
+
+    Only the steps in EVAL_STEPS are filled (the others are NaN).
+    """
+
+    @jax.jit
+    def all_curves(state):
+        out = []
+        for shots in EVAL_SHOTS:
+            k = jax.random.fold_in(key, shots)
+            support, query, _ = sinusoid_tasks(k, num_tasks, shots, EVAL_QUERY)
+            for steps in EVAL_STEPS:
+
+                def one(s, q, steps=steps):
+                    return mse_loss(learner.adapt(state, s, num_steps=steps), q)
+
+                out.append(jax.vmap(one)(support, query))
+        return out
+
+    values = iter(jax.device_get(all_curves(state)))
+    out = np.full((len(EVAL_SHOTS), num_tasks, max(EVAL_STEPS) + 1), np.nan, np.float32)
+    for i in range(len(EVAL_SHOTS)):
+        for steps in EVAL_STEPS:
+            out[i, :, steps] = next(values)
     return out
 
 
-def _summary_row(name: str, curves: np.ndarray, iterations: int) -> dict:
-    row = {"method": LABELS[name]}
+@jax.jit
+def _adapted_predictions(params, support, xs):
+    """Predictions on `xs` before and after 1 and 10 SGD steps, for each task of `support`."""
+
+    def one(sup):
+        preds, p = [mlp_apply(params, xs)[:, 0]], params
+        for s in range(1, max(EVAL_STEPS) + 1):
+            p = jax.tree.map(lambda w, g: w - INNER_LR * g, p, jax.grad(mse_loss)(p, sup))
+            if s in (1, max(EVAL_STEPS)):
+                preds.append(mlp_apply(p, xs)[:, 0])
+        return jnp.stack(preds)
+
+    return jax.vmap(one)(support)
+
+
+def _summary_row(name: str, curves: np.ndarray, iterations: int, label: str | None = None) -> dict:
+    row = {"method": label or LABELS[name]}
     n = curves.shape[1]
     for i, shots in enumerate(EVAL_SHOTS):
         for steps in EVAL_STEPS:
@@ -383,24 +412,23 @@ def _plot(out_dir: pathlib.Path, results: dict, params_by_method: dict, key) -> 
     fig, axes = plt.subplots(
         num_tasks, len(names), figsize=(3.2 * len(names), 2.6 * num_tasks), squeeze=False
     )
+    styles = (("pre-update", ":"), ("1 step", "--"), (f"{max(EVAL_STEPS)} steps", "-"))
+    truth = amp[:, None] * jnp.sin(xs[None, :, 0] - phase[:, None])
     for j, name in enumerate(names):
-        params = params_by_method[name]
+        preds = np.asarray(_adapted_predictions(params_by_method[name], support, xs))
         for t in range(num_tasks):
             ax = axes[t, j]
-            sup = (support[0][t], support[1][t])
-            p = params
-            ax.plot(xs[:, 0], amp[t] * jnp.sin(xs[:, 0] - phase[t]), "k", lw=1.5, label="truth")
-            ax.plot(xs[:, 0], mlp_apply(p, xs)[:, 0], ":", label="pre-update")
-            for s in range(1, max(EVAL_STEPS) + 1):
-                p = jax.tree.map(lambda w, g: w - INNER_LR * g, p, jax.grad(mse_loss)(p, sup))
-                if s in (1, max(EVAL_STEPS)):
-                    ax.plot(
-                        xs[:, 0],
-                        mlp_apply(p, xs)[:, 0],
-                        "--" if s == 1 else "-",
-                        label=f"{s} step{'s' if s > 1 else ''}",
-                    )
-            ax.scatter(sup[0][:, 0], sup[1][:, 0], c="r", s=15, zorder=5, label="5 support points")
+            ax.plot(xs[:, 0], truth[t], "k", lw=1.5, label="truth")
+            for (label, style), pred in zip(styles, preds[t], strict=True):
+                ax.plot(xs[:, 0], pred, style, label=label)
+            ax.scatter(
+                support[0][t, :, 0],
+                support[1][t, :, 0],
+                c="r",
+                s=15,
+                zorder=5,
+                label="5 support points",
+            )
             if t == 0:
                 ax.set_title(LABELS[name], fontsize=9)
             ax.set_ylim(-6, 6)
@@ -429,14 +457,19 @@ def run(
     for name in cfg.methods:
         try:
             method = build_method(name, cfg)
-            params, losses = train(method, params0, k_train, cfg, progress=progress, desc=name)
+            state, losses = train(method, params0, k_train, cfg, progress=progress, desc=name)
+            params = method.params_of(state)
             curves = evaluate(params, k_eval, cfg.test_tasks)
+            if name == "maml_grad_share":
+                own = _learner_adapt_curves(method.learner, state, k_eval, cfg.test_tasks)
         except Exception as e:  # noqa: BLE001 - reported in the table, the others go on
             rows.append(runner.error_row(out_dir, LABELS[name], e))
             continue
         results[name] = {"curves": curves, "train_loss": losses}
         params_by_method[name] = params
         rows.append(_summary_row(name, curves, cfg.iterations))
+        if name == "maml_grad_share":
+            rows.append(_summary_row(name, own, cfg.iterations, LABELS[name] + " (own inner loop)"))
 
     if results:
         _plot(out_dir, results, params_by_method, k_plot)
