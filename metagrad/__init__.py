@@ -19,6 +19,9 @@ from metagrad.diagnostics import pairwise_dot as pairwise_dot
 from metagrad.diagnostics import task_gradients as task_gradients
 from metagrad.dotprod import DotProdState as DotProdState
 from metagrad.dotprod import dotprod as dotprod
+from metagrad.grad_share import GradShareCarry as GradShareCarry
+from metagrad.grad_share import GradShareParams as GradShareParams
+from metagrad.grad_share import grad_share as grad_share
 from metagrad.hvp import fd_hvp as fd_hvp
 from metagrad.hvp import fd_step as fd_step
 from metagrad.hvp import hvp as hvp
@@ -47,6 +50,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DotProdState",
     "GradNormState",
+    "GradShareCarry",
+    "GradShareParams",
     "GradVacState",
     "InnerRule",
     "MAMLState",
@@ -60,6 +65,7 @@ __all__ = [
     "fd_hvp",
     "fd_step",
     "fomaml",
+    "grad_share",
     "gradnorm",
     "gradvac",
     "hvp",

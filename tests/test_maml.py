@@ -111,7 +111,7 @@ def test_remat_equals_no_remat_on_mlp():
     tasks = ((x, jnp.sin(x[..., :1])), (x, jnp.cos(x[..., :1])))
     states = []
     for remat in (False, True):
-        learner = mg.maml(loss, optax.sgd(0.1), 4, optax.adam(1e-2), remat=remat)
+        learner = mg.maml(loss, optax.sgd(0.1), 3, optax.adam(1e-2), remat=remat)
         state = learner.init(params)
         for _ in range(2):
             state, _ = learner.step(state, tasks)
