@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from metagrad import _checks
-from metagrad.mtl import _check_reduction, _reduce, check_task_axis, combine
+from metagrad.mtl import _check_reduction, _reduce, check_task_axis, combine, hyperparam
 
 
 class GradNormState(NamedTuple):
@@ -71,7 +71,8 @@ def gradnorm(
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; call ``update(updates, state, params,
-      losses=losses)`` with updates of leaves ``[T, ...]`` and losses of shape ``[T]``.
+      losses=losses)`` with updates of leaves ``[T, ...]`` and losses of shape ``[T]``. Works
+      under `optax.inject_hyperparams` (``static_args=("num_tasks",)``).
 
     Example:
       >>> import jax.numpy as jnp, metagrad as mg
@@ -87,11 +88,11 @@ def gradnorm(
       Multitask Networks <https://arxiv.org/abs/1711.02257>`_, ICML 2018 (Algorithm 1).
     """
     num_tasks = _checks.positive_int("num_tasks", num_tasks)
-    alpha = _checks.positive_float("alpha", alpha, allow_zero=True)
+    alpha = hyperparam("alpha", alpha, lambda n, v: _checks.positive_float(n, v, allow_zero=True))
     if isinstance(learning_rate, optax.GradientTransformation):
         weight_opt = learning_rate
     else:
-        weight_opt = optax.sgd(_checks.positive_float("learning_rate", learning_rate))
+        weight_opt = optax.sgd(hyperparam("learning_rate", learning_rate, _checks.positive_float))
     _check_reduction(reduction)
     if norm_mask is not None and not callable(norm_mask):
         for leaf in jax.tree.leaves(norm_mask):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from metagrad import _checks
+from metagrad.mtl import hyperparam
 
 
 class RecAdamState(NamedTuple):
@@ -67,7 +68,8 @@ def recadam(
 
     Returns:
       An `optax.GradientTransformation` (a full optimizer, learning rate included, like
-      `optax.adam`); `update` needs `params`. The state holds θ*.
+      `optax.adam`); `update` needs `params`. The state holds θ*. Works under
+      `optax.inject_hyperparams` (e.g. to schedule or log the learning rate).
 
     Example:
       >>> import jax.numpy as jnp, metagrad as mg, optax
@@ -83,10 +85,12 @@ def recadam(
       Forgetting <https://arxiv.org/abs/2004.12651>`_, EMNLP 2020.
     """
     if not callable(learning_rate):
-        learning_rate = _checks.positive_float("learning_rate", learning_rate)
-    anneal_k = _checks.positive_float("anneal_k", anneal_k)
-    anneal_t0 = _checks.finite_float("anneal_t0", anneal_t0)
-    pretrain_coef = _checks.positive_float("pretrain_coef", pretrain_coef, allow_zero=True)
+        learning_rate = hyperparam("learning_rate", learning_rate, _checks.positive_float)
+    anneal_k = hyperparam("anneal_k", anneal_k, _checks.positive_float)
+    anneal_t0 = hyperparam("anneal_t0", anneal_t0, _checks.finite_float)
+    pretrain_coef = hyperparam(
+        "pretrain_coef", pretrain_coef, lambda n, v: _checks.positive_float(n, v, allow_zero=True)
+    )
     adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
     def init_fn(params):

@@ -103,6 +103,19 @@ def combine(updates: Any, weights: jax.Array) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
+def hyperparam(name: str, value: Any, check) -> Any:
+    """Checks a numeric hyper-parameter, or passes a (possibly traced) scalar array through.
+
+    Under `optax.inject_hyperparams` numeric arguments arrive as arrays whose value cannot be
+    checked when traced; only their shape is.
+    """
+    if isinstance(value, (jax.Array, np.ndarray)):
+        if np.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+        return value
+    return check(name, value)
+
+
 def _check_reduction(reduction: str) -> str:
     return _checks.one_of("reduction", reduction, _REDUCTIONS)
 
@@ -119,6 +132,8 @@ def _key_from_seed(seed: int | jax.Array) -> jax.Array:
             return jax.random.key_data(seed)
         if seed.dtype == jnp.uint32 and seed.shape == (2,):
             return seed
+        if jnp.issubdtype(seed.dtype, jnp.integer) and seed.ndim == 0:
+            return jax.random.PRNGKey(seed)  # e.g. under optax.inject_hyperparams
     raise TypeError(
         f"seed must be an int or a jax.random key, got {seed!r} of type {type(seed).__name__}"
     )
@@ -360,7 +375,8 @@ def gradvac(
 
     Returns:
       An `optax.GradientTransformation` from leaves ``[T, ...]`` to the combined gradient; its
-      state holds the targets, shape ``[groups, T, T]``.
+      state holds the targets, shape ``[groups, T, T]``. Works under `optax.inject_hyperparams`
+      (``static_args=("num_tasks",)``) with `beta` injected.
 
     Example:
       >>> import jax.numpy as jnp, metagrad as mg
@@ -375,10 +391,10 @@ def gradvac(
       Massively Multilingual Models <https://arxiv.org/abs/2010.05874>`_, ICLR 2021.
     """
     num_tasks = _checks.positive_int("num_tasks", num_tasks)
-    beta = _checks.positive_float("beta", beta)
-    if beta > 1.0:
+    beta = hyperparam("beta", beta, _checks.positive_float)
+    if isinstance(beta, float) and beta > 1.0:
         raise ValueError(f"beta must be in (0, 1], got {beta}")
-    eps = _checks.positive_float("eps", eps, allow_zero=True)
+    eps = hyperparam("eps", eps, lambda n, v: _checks.positive_float(n, v, allow_zero=True))
     key0 = _key_from_seed(seed)
     _check_reduction(reduction)
     _checks.one_of("granularity", granularity, _GRANULARITIES)

@@ -179,11 +179,11 @@ def test_pcgrad_random_order_is_one_of_the_orders_and_follows_the_key(x64):
     assert len(distinct) > 1, "the test needs order-dependent gradients"
 
     seen = set()
+    update = jax.jit(mg.pcgrad().update)  # the seed only enters through init's state
     for seed in range(12):
-        tx = mg.pcgrad(seed=seed)
-        state = tx.init(jnp.zeros(2))
-        out, state2 = tx.update(jnp.asarray(grads), state)
-        again, _ = tx.update(jnp.asarray(grads), state)
+        state = mg.pcgrad(seed=seed).init(jnp.zeros(2))
+        out, state2 = update(jnp.asarray(grads), state)
+        again, _ = update(jnp.asarray(grads), state)
         np.testing.assert_array_equal(out, again)
         match = [c for c, v in candidates.items() if np.allclose(out, v, rtol=1e-10)]
         assert match, f"seed {seed}: output is no ordering's PCGrad"
@@ -215,6 +215,7 @@ def test_gradvac_matches_naive_over_steps(x64, granularity):
     params = _params_like(_tree_grads(key, num_tasks))
     tx = mg.gradvac(num_tasks, beta=beta, shuffle=False, granularity=granularity)
     state = tx.init(params)
+    update = jax.jit(tx.update)
     names = sorted(params)  # jax.tree leaf order of a dict
     targets = {name: np.zeros((num_tasks, num_tasks)) for name in names}
     target = np.zeros((num_tasks, num_tasks))
@@ -224,7 +225,7 @@ def test_gradvac_matches_naive_over_steps(x64, granularity):
         base = _tree_grads(jax.random.fold_in(key, 100), 1)
         noise = _tree_grads(jax.random.fold_in(key, step), num_tasks)
         grads = jax.tree.map(lambda b, n, s=step: (1 - s / steps) * b + n, base, noise)
-        out, state = tx.update(grads, state, params)
+        out, state = update(grads, state, params)
         order = [list(range(num_tasks))] * num_tasks
         if granularity == "global":
             expected, target = naive_gradvac(_flat(grads), order, target, beta)
@@ -267,9 +268,10 @@ def test_gradvac_random_order_two_tasks_equals_any_order(x64):
     params = _params_like(grads)
     a, b = mg.gradvac(2, 0.5, seed=0), mg.gradvac(2, 0.5, shuffle=False)
     sa, sb = a.init(params), b.init(params)
+    update_a, update_b = jax.jit(a.update), jax.jit(b.update)
     for _ in range(3):
-        oa, sa = a.update(grads, sa, params)
-        ob, sb = b.update(grads, sb, params)
+        oa, sa = update_a(grads, sa, params)
+        ob, sb = update_b(grads, sb, params)
         np.testing.assert_allclose(_flat1(oa), _flat1(ob), rtol=1e-12)
 
 
@@ -283,6 +285,7 @@ def test_gradnorm_matches_naive_over_steps(x64):
     params = _params_like(_tree_grads(key, num_tasks))
     tx = mg.gradnorm(num_tasks, alpha=alpha, learning_rate=lr)
     state = tx.init(params)
+    update = jax.jit(tx.update)
     scale = jnp.array([1.0, 3.0, 0.5])  # unequal gradient norms
     grads_seq, losses_seq = [], []
     for step in range(5):
@@ -291,7 +294,7 @@ def test_gradnorm_matches_naive_over_steps(x64):
         losses = jnp.array([2.0, 1.0, 3.0]) * jnp.array([0.9, 0.7, 0.95]) ** step
         grads_seq.append(_flat(grads))
         losses_seq.append(np.asarray(losses))
-        out, state = tx.update(grads, state, params, losses=losses)
+        out, state = update(grads, state, params, losses=losses)
         outs, weights = naive_gradnorm(grads_seq, losses_seq, alpha, lr)
         np.testing.assert_allclose(_flat1(out), outs[-1], rtol=1e-10)
         np.testing.assert_allclose(state.weights, weights[-1], rtol=1e-10)
@@ -305,8 +308,9 @@ def test_gradnorm_raises_weight_of_task_with_small_gradient():
     tx = mg.gradnorm(3, alpha=1.5, learning_rate=0.01)
     state = tx.init(jnp.zeros(2))
     grads = jnp.array([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    update = jax.jit(tx.update)
     for _ in range(3):
-        _, state = tx.update(grads, state, losses=jnp.ones(3))
+        _, state = update(grads, state, losses=jnp.ones(3))
     w = np.asarray(state.weights)
     assert w[1] > 1.0 and w[2] > 1.0 > w[0], w
 
@@ -374,8 +378,9 @@ def test_recadam_matches_naive(x64, given):
     ]
     expected = naive_recadam(params, np.asarray(pretrained), grads_seq, lr, k, t0, gamma)
     p = params
+    update = jax.jit(tx.update)
     for t, g in enumerate(grads_seq):
-        updates, state = tx.update(g, state, p)
+        updates, state = update(g, state, p)
         p = optax.apply_updates(p, updates)
         np.testing.assert_allclose(p, expected[t], rtol=1e-10, atol=1e-12)
 
@@ -388,8 +393,9 @@ def test_recadam_pull_dominates_early_then_fades():
     state = tx.init(p)
     u, state = tx.update(jnp.zeros(2), state, p)
     np.testing.assert_allclose(u, -0.1 * (1 - jax.nn.sigmoid(-4.0)) * p, rtol=1e-5)
+    update = jax.jit(tx.update)
     for _ in range(40):
-        u, state = tx.update(jnp.zeros(2), state, p)
+        u, state = update(jnp.zeros(2), state, p)
     assert float(jnp.max(jnp.abs(u))) < 1e-15 + 0.1 * (1 - jax.nn.sigmoid(36.0)) * 2
 
 
@@ -479,10 +485,11 @@ def test_composes_in_chain(name):
     chained = optax.chain(COMBINERS[name](), optax.adam(0.1))
     alone, adam = COMBINERS[name](), optax.adam(0.1)
     cs, s1, s2 = chained.init(params), alone.init(params), adam.init(params)
+    chained_update, alone_update = jax.jit(chained.update), jax.jit(alone.update)
     for i in range(3):
         grads = _tree_like(jax.random.key(i), params, 3)
-        u_chain, cs = chained.update(grads, cs, params, **_extra(name))
-        g, s1 = alone.update(grads, s1, params, **_extra(name))
+        u_chain, cs = chained_update(grads, cs, params, **_extra(name))
+        g, s1 = alone_update(grads, s1, params, **_extra(name))
         u, s2 = adam.update(g, s2, params)
         for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_chain), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6)
@@ -521,3 +528,59 @@ def test_typed_key_seed_equals_int_seed():
     oa, _ = a.update(grads, a.init(jnp.zeros(2)))
     ob, _ = b.update(grads, b.init(jnp.zeros(2)))
     np.testing.assert_array_equal(oa, ob)
+
+
+INJECTABLE = {
+    "gradvac": (mg.gradvac, {"num_tasks": 3, "beta": 0.3}, ("num_tasks",)),
+    "gradnorm": (
+        mg.gradnorm,
+        {"num_tasks": 3, "alpha": 1.0, "learning_rate": 0.05},
+        ("num_tasks",),
+    ),
+    "recadam": (mg.recadam, {"learning_rate": 0.1, "anneal_k": 0.5, "anneal_t0": 2.0}, ()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INJECTABLE))
+def test_inject_hyperparams_matches_plain(name):
+    factory, kwargs, static = INJECTABLE[name]
+    plain = factory(**kwargs)
+    injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
+    params = jnp.array([0.5, -1.0])
+    sp, si = plain.init(params), injected.init(params)
+    for i in range(3):
+        g = jax.random.normal(jax.random.key(i), (3, 2) if name != "recadam" else (2,))
+        extra = {"losses": jnp.array([1.0, 2.0, 3.0]) / (i + 1)} if name == "gradnorm" else {}
+        up, sp = jax.jit(plain.update)(g, sp, params, **extra)
+        ui, si = jax.jit(injected.update)(g, si, params, **extra)
+        np.testing.assert_allclose(up, ui, rtol=1e-5)
+
+
+def test_gradnorm_weight_optimizer_and_mean_reduction(x64):
+    grads = jnp.array([[3.0, 0.0], [0.0, 1.0]])
+    tx = mg.gradnorm(2, learning_rate=optax.adam(0.1), reduction="mean")
+    out, state = tx.update(grads, tx.init(jnp.zeros(2)), losses=jnp.ones(2))
+    np.testing.assert_allclose(out, grads.sum(0) / 2, rtol=1e-12)  # weights start at 1
+    # Adam's first step is lr * sign: w = (0.9, 1.1), already summing to T = 2.
+    np.testing.assert_allclose(state.weights, [0.9, 1.1], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: mg.pcgrad(shuffle=False, reduction="mean"),
+        lambda: mg.gradvac(3, 0.5, shuffle=False, reduction="mean"),
+    ],
+)
+def test_mean_reduction_is_sum_over_tasks(x64, factory):
+    grads = _tree_grads(jax.random.key(9), 3)
+    params = _params_like(grads)
+    mean_tx = factory()
+    sum_tx = (
+        mg.pcgrad(shuffle=False)
+        if isinstance(mean_tx.init(params), mg.PCGradState)
+        else mg.gradvac(3, 0.5, shuffle=False)
+    )
+    om, _ = mean_tx.update(grads, mean_tx.init(params), params)
+    osum, _ = sum_tx.update(grads, sum_tx.init(params), params)
+    np.testing.assert_allclose(_flat1(om) * 3, _flat1(osum), rtol=1e-12)
