@@ -144,7 +144,14 @@ def dotprod(
         ``jax.lax.pmean``, so that, with equal per-device batches and mean
         losses, every device computes the update of one device on the combined
         batches. The perturbed point uses the averaged :math:`\bar G_1`.
-        Averaging `updates` that are already averaged changes nothing.
+        Averaging `updates` that are already averaged changes nothing. Under
+        ``jax.shard_map`` with its default ``check_vma=True``, JAX already sums
+        the gradients of replicated params over the axis: there, average the
+        loss with ``jax.lax.pmean`` so that these sums are means (with
+        ``check_vma=False`` gradients stay per-device, as under ``pmap``). In
+        float32 the finite difference divides the round-off of the different
+        summation order by the step, so single- and multi-device updates agree
+        to about 1e-4 relative, not to float32 precision.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose update is called as
