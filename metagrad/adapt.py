@@ -48,6 +48,30 @@ def _check_leading_axis(name: str, tree: Any, size: int, what: str) -> None:
             )
 
 
+def to_varying(tree: Any, axis_name: str | None) -> Any:
+    """Marks `tree` as varying over the mapped axis ``axis_name`` (private helper).
+
+    Inside `jax.shard_map`, JAX transposes the implicit broadcast of a
+    replicated value into a ``psum``: a gradient with respect to replicated
+    params comes back summed over devices. Marking the params as
+    device-varying first keeps each device's gradient local, so the caller
+    decides how to combine them (a ``pmean``). Leaves already varying, and
+    everything when ``axis_name`` is None, pass through.
+    """
+    if axis_name is None:
+        return tree
+    pcast = getattr(jax.lax, "pcast", None)
+    if pcast is None:  # older JAX: no varying-axes types, gradients stay local
+        return tree
+
+    def leaf(x):
+        if axis_name in getattr(jax.typeof(x), "vma", frozenset()):
+            return x
+        return pcast(x, axis_name, to="varying")
+
+    return jax.tree.map(leaf, tree)
+
+
 def inner_loop(
     loss_fn: Callable[..., chex.Array],
     inner: optax.GradientTransformation,
@@ -58,6 +82,7 @@ def inner_loop(
     *,
     batch_per_step: bool,
     keep_first_grad: bool = False,
+    axis_name: str | None = None,
 ):
     """The scan behind `adapt` and the Reptile learners (private helper).
 
@@ -67,13 +92,17 @@ def inner_loop(
 
     Returns ``(params, inner_state, losses, first_grad)``: ``losses[k]`` is the
     loss at the params before step k, ``first_grad`` the gradient at the
-    starting params (None unless ``keep_first_grad``).
+    starting params (None unless ``keep_first_grad``). With ``axis_name``, each
+    step's loss and gradient are averaged over that mapped axis (data
+    parallelism within a batch, under `jax.shard_map` or `jax.pmap`).
     """
     grad_fn = jax.value_and_grad(loss_fn)
 
     def body(carry, batch):
         p, s = carry
-        loss, g = grad_fn(p, batch)
+        loss, g = grad_fn(to_varying(p, axis_name), batch)
+        if axis_name is not None:
+            loss, g = jax.lax.pmean((loss, g), axis_name)
         u, s = inner.update(g, s, p)
         return (optax.apply_updates(p, u), s), (loss, g)
 

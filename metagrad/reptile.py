@@ -27,7 +27,7 @@ import optax
 
 from metagrad import _checks
 from metagrad._base import MetaLearner
-from metagrad.adapt import _check_inner, adapt, inner_loop
+from metagrad.adapt import _check_inner, adapt, inner_loop, to_varying
 from metagrad.diagnostics import mean_pairwise_cosine
 
 Params = chex.ArrayTree
@@ -236,19 +236,26 @@ class ReptileState(NamedTuple):
     inner_state: optax.OptState | None
 
 
-def _mean_states(states):
-    """Averages per-task optimizer states over the leading task axis.
+def _mean_states(states, axis_name=None):
+    """Averages per-task optimizer states over the leading task axis (and devices).
 
     Float leaves (moments) are averaged; integer leaves (step counts) are equal
-    across tasks, which all take the same number of steps, so task 0's is kept.
+    across tasks, which all take the same number of steps, so task 0's is kept
+    (and the maximum over devices, equal too, marks it device-invariant).
     """
 
     def mean(x):
         if jnp.issubdtype(x.dtype, jnp.inexact):
-            return jnp.mean(x, axis=0)
-        return x[0]
+            x = jnp.mean(x, axis=0)
+            return x if axis_name is None else jax.lax.pmean(x, axis_name)
+        return x[0] if axis_name is None else jax.lax.pmax(x[0], axis_name)
 
     return jax.tree.map(mean, states)
+
+
+def _check_axis_name(axis_name: Any) -> None:
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise TypeError(f"axis_name must be None or a str, got {axis_name!r}")
 
 
 def _check_stacked(name: str, tree: Any, sizes: tuple[int | None, ...], what: str) -> int:
@@ -276,6 +283,7 @@ def reptile(
     batch_per_step: bool = False,
     reset_inner_state: bool = True,
     task_grad_cosine: bool = False,
+    axis_name: str | None = None,
 ) -> MetaLearner:
     """Parallel (meta-batch) Reptile as a jitted meta-step.
 
@@ -309,6 +317,13 @@ def reptile(
       task_grad_cosine: if True, ``metrics`` also holds ``"task_grad_cosine"``,
         the mean pairwise cosine between the tasks' first inner gradients
         (taken at φ, so it costs no extra gradient; needs T >= 2).
+      axis_name: for task parallelism across devices: call ``step`` inside
+        `jax.shard_map` (or `jax.pmap`) with the tasks split along this mapped
+        axis; the meta-gradient, metrics and carried inner state are then
+        averaged over it with `jax.lax.pmean`, so every device holds the same
+        φ (equal to the single-device step when devices hold equal numbers of
+        tasks). ``task_grad_cosine`` then covers each device's own tasks only.
+        Under plain `jax.jit` with sharded inputs no axis name is needed.
 
     Returns:
       A `MetaLearner`: ``init(params) -> ReptileState``;
@@ -351,6 +366,7 @@ def reptile(
     ]:
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
+    _check_axis_name(axis_name)
 
     def init_fn(params):
         params = jax.tree.map(jnp.asarray, params)
@@ -380,10 +396,13 @@ def reptile(
             raise ValueError(f"tasks must hold >= 2 tasks for task_grad_cosine, got {num_tasks}")
         phi = state.params
         inner_state = inner.init(phi) if reset_inner_state else state.inner_state
+        # Each device adapts its own tasks: see `to_varying` for why φ is cast.
         thetas, inner_states, losses, first_grads = jax.vmap(task_run, in_axes=(None, None, 0))(
-            phi, inner_state, tasks
+            to_varying(phi, axis_name), to_varying(inner_state, axis_name), tasks
         )
         meta_grad = jax.tree.map(lambda p, t: jnp.mean(p[None] - t, axis=0), phi, thetas)
+        if axis_name is not None:
+            meta_grad = jax.lax.pmean(meta_grad, axis_name)
         outer_updates, outer_state = outer_tx.update(meta_grad, state.outer_state, phi)
         new_phi = optax.apply_updates(phi, outer_updates)
         metrics = {
@@ -393,10 +412,11 @@ def reptile(
         }
         if task_grad_cosine:
             metrics["task_grad_cosine"] = mean_pairwise_cosine(first_grads)
+        new_inner_state = None if reset_inner_state else _mean_states(inner_states, axis_name)
+        if axis_name is not None:
+            metrics = jax.lax.pmean(metrics, axis_name)
         new_state = ReptileState(
-            params=new_phi,
-            outer_state=outer_state,
-            inner_state=None if reset_inner_state else _mean_states(inner_states),
+            params=new_phi, outer_state=outer_state, inner_state=new_inner_state
         )
         return new_state, metrics
 

@@ -24,7 +24,7 @@ from metagrad import _checks
 from metagrad._base import MetaLearner
 from metagrad.adapt import _check_inner, adapt, inner_loop
 from metagrad.diagnostics import mean_pairwise_cosine, task_gradients
-from metagrad.reptile import ReptileState, _check_stacked, _outer_transform
+from metagrad.reptile import ReptileState, _check_axis_name, _check_stacked, _outer_transform
 
 Params = chex.ArrayTree
 
@@ -38,6 +38,7 @@ def seq_reptile(
     reset_inner_state: bool = True,
     pass_task_id: bool = True,
     task_grad_cosine: bool = False,
+    axis_name: str | None = None,
 ) -> MetaLearner:
     """Sequential Reptile (Lee et al., 2022, Algorithm 1) as a jitted meta-step.
 
@@ -77,6 +78,11 @@ def seq_reptile(
         the mean cosine between the gradients at φ of the K batches over pairs
         from different tasks (NaN if all K come from one task). Costs K extra
         gradient evaluations per step (vmapped), so it is off by default.
+      axis_name: for data parallelism across devices: call ``step`` inside
+        `jax.shard_map` (or `jax.pmap`) with every batch's examples split along
+        this mapped axis; each inner gradient and loss is averaged over it with
+        `jax.lax.pmean` (equal to the single-device step when ``loss_fn`` is a
+        mean over equally sized shards). The trajectory itself is sequential.
 
     Returns:
       A `MetaLearner`: ``init(params) -> ReptileState``;
@@ -119,6 +125,7 @@ def seq_reptile(
     ]:
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
+    _check_axis_name(axis_name)
 
     def tagged_loss(params, tagged):
         task_id, batch = tagged
@@ -153,7 +160,14 @@ def seq_reptile(
         phi = state.params
         inner_state = inner.init(phi) if reset_inner_state else state.inner_state
         theta, inner_state, losses, _ = inner_loop(
-            tagged_loss, inner, phi, inner_state, tagged, inner_steps, batch_per_step=True
+            tagged_loss,
+            inner,
+            phi,
+            inner_state,
+            tagged,
+            inner_steps,
+            batch_per_step=True,
+            axis_name=axis_name,
         )
         meta_grad = jax.tree.map(lambda p, t: p - t, phi, theta)
         outer_updates, outer_state = outer_tx.update(meta_grad, state.outer_state, phi)
@@ -167,6 +181,8 @@ def seq_reptile(
             if inner_steps < 2:
                 raise ValueError("inner_steps must be >= 2 for task_grad_cosine")
             grads = task_gradients(tagged_loss, phi, tagged)
+            if axis_name is not None:
+                grads = jax.lax.pmean(grads, axis_name)
             metrics["task_grad_cosine"] = mean_pairwise_cosine(grads, task_ids=task_ids)
         new_state = ReptileState(
             params=new_phi,

@@ -29,12 +29,13 @@ _value_and_grad = jax.jit(jax.value_and_grad(_loss))
 
 def _naive(inner, params, batches, num_steps, per_step, state=None):
     state = inner.init(params) if state is None else state
+    inner_update = jax.jit(inner.update)
     losses = []
     for k in range(num_steps):
         batch = jax.tree.map(lambda x, k=k: x[k], batches) if per_step else batches
         loss, g = _value_and_grad(params, batch)
         losses.append(loss)
-        u, state = inner.update(g, state, params)
+        u, state = inner_update(g, state, params)
         params = optax.apply_updates(params, u)
     return params, np.array(losses), state
 

@@ -1,5 +1,10 @@
 """Tests for metagrad/reptile.py: `reptile_outer` and the parallel meta-learner `reptile`."""
 
+import functools
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +31,18 @@ def _grads_sequence(key, n, shape):
     return jax.random.normal(key, (n, *shape))
 
 
+# The reference loops below are plain Python; their pieces are jitted (cached per
+# function) only to keep the tests fast.
+@functools.cache
+def _jit_update(inner):
+    return jax.jit(inner.update)
+
+
+@functools.cache
+def _jit_grad(loss_fn):
+    return jax.jit(jax.grad(loss_fn))
+
+
 # ----------------------------------------------------------------------------
 # reptile_outer
 
@@ -35,11 +52,12 @@ def test_reptile_outer_one_step_lr_one_is_inner_optimizer(inner):
     params = {"w": jnp.arange(3.0), "b": jnp.ones((2, 2))}
     tx = mg.reptile_outer(inner, inner_steps=1, outer_lr=1.0)
     state, ref_state = tx.init(params), inner.init(params)
+    update, ref_update = jax.jit(tx.update), jax.jit(inner.update)
     p, ref_p = params, params
     for i in range(6):
         grads = jax.tree.map(lambda x, i=i: jnp.sin(x + i), p)
-        updates, state = tx.update(grads, state, p)
-        ref_updates, ref_state = inner.update(grads, ref_state, ref_p)
+        updates, state = update(grads, state, p)
+        ref_updates, ref_state = ref_update(grads, ref_state, ref_p)
         p = optax.apply_updates(p, updates)
         ref_p = optax.apply_updates(ref_p, ref_updates)
         jax.tree.map(np.testing.assert_array_equal, p, ref_p)
@@ -58,10 +76,11 @@ def test_reptile_outer_matches_lookahead_slow_weights(inner_steps, outer_lr):
     la_params = optax.LookaheadParams.init_synced(params)
     la_state = la.init(la_params)
     p = params
+    update, la_update = jax.jit(tx.update), jax.jit(la.update)
     for step in range(4 * inner_steps):
-        updates, state = tx.update(_quadratic_grad(p, a, b), state, p)
+        updates, state = update(_quadratic_grad(p, a, b), state, p)
         p = optax.apply_updates(p, updates)
-        la_updates, la_state = la.update(_quadratic_grad(la_params.fast, a, b), la_state, la_params)
+        la_updates, la_state = la_update(_quadratic_grad(la_params.fast, a, b), la_state, la_params)
         la_params = optax.apply_updates(la_params, la_updates)
         np.testing.assert_allclose(p, la_params.fast, atol=1e-6)
         if (step + 1) % inner_steps == 0:
@@ -72,13 +91,14 @@ def test_reptile_outer_matches_lookahead_slow_weights(inner_steps, outer_lr):
 def _naive_reptile(grad_fn, inner, phi, inner_steps, outer_steps, outer_update, reset):
     """Plain-loop Reptile: K inner steps from φ, then φ ← outer_update(φ, φ − θ_K, t)."""
     inner_state = inner.init(phi)
+    inner_update = _jit_update(inner)
     phis = []
     for t in range(outer_steps):
         theta = phi
         if reset:
             inner_state = inner.init(phi)
         for _ in range(inner_steps):
-            u, inner_state = inner.update(grad_fn(theta), inner_state, theta)
+            u, inner_state = inner_update(grad_fn(theta), inner_state, theta)
             theta = optax.apply_updates(theta, u)
         phi = outer_update(phi, phi - theta, t)
         phis.append(phi)
@@ -116,9 +136,9 @@ def test_reptile_outer_optax_outer_sign_convention():
 
     def run(outer_lr):
         tx = mg.reptile_outer(optax.sgd(0.1), 2, outer_lr)
-        state, p = tx.init(phi0), phi0
+        state, p, update = tx.init(phi0), phi0, jax.jit(tx.update)
         for _ in range(6):
-            u, state = tx.update(_quadratic_grad(p, a, b), state, p)
+            u, state = update(_quadratic_grad(p, a, b), state, p)
             p = optax.apply_updates(p, u)
         return state.outer_params
 
@@ -150,9 +170,9 @@ def test_reptile_outer_quadratic_meta_gradient_closed_form(x64):
         theta = theta - alpha * (np.asarray(a) @ theta - np.asarray(b))
     expected = np.asarray(phi) - eta * (np.asarray(phi) - theta)
     tx = mg.reptile_outer(optax.sgd(alpha), k, eta)
-    state, p = tx.init(phi), phi
+    state, p, update = tx.init(phi), phi, jax.jit(tx.update)
     for _ in range(k):
-        u, state = tx.update(_quadratic_grad(p, a, b), state, p)
+        u, state = update(_quadratic_grad(p, a, b), state, p)
         p = optax.apply_updates(p, u)
     np.testing.assert_allclose(state.outer_params, expected, rtol=1e-12)
     np.testing.assert_allclose(p, expected, rtol=1e-12)
@@ -294,8 +314,8 @@ def _naive_task_run(loss_fn, inner, phi, batches, inner_steps, per_step, inner_s
     theta = phi
     for k in range(inner_steps):
         batch = jax.tree.map(lambda x, k=k: x[k], batches) if per_step else batches
-        g = jax.grad(loss_fn)(theta, batch)
-        u, state = inner.update(g, state, theta)
+        g = _jit_grad(loss_fn)(theta, batch)
+        u, state = _jit_update(inner)(g, state, theta)
         theta = optax.apply_updates(theta, u)
     return theta, state
 
@@ -467,3 +487,76 @@ def test_reptile_bad_tasks():
     cos = mg.reptile(_mlp_loss, optax.sgd(0.1), 3, 1.0, task_grad_cosine=True)
     with pytest.raises(ValueError, match="tasks"):
         cos.step(cos.init(phi), _mlp_tasks(jax.random.PRNGKey(0), 1))
+
+
+_MULTI_DEVICE_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import metagrad as mg
+
+def loss(p, b):
+    x, y = b
+    return jnp.mean((jnp.tanh(x @ p["w"]) @ p["v"] - y) ** 2)
+
+def close(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+params = {"w": jax.random.normal(k1, (2, 3)), "v": jax.random.normal(k2, (3, 1))}
+mesh = jax.make_mesh((4,), ("d",))
+assert len(jax.devices()) == 4
+
+# reptile: the 8 tasks split over 4 devices.
+tasks = (jax.random.normal(k3, (8, 5, 2)), jax.random.normal(k4, (8, 5, 1)))
+sharded = jax.device_put(tasks, NamedSharding(mesh, P("d")))
+for reset in (True, False):
+    kw = dict(reset_inner_state=reset, task_grad_cosine=False)
+    single = mg.reptile(loss, optax.adam(0.05), 3, optax.adam(0.1), **kw)
+    multi = mg.reptile(loss, optax.adam(0.05), 3, optax.adam(0.1), axis_name="d", **kw)
+    step = jax.jit(jax.shard_map(
+        multi.step, mesh=mesh, in_specs=(P(), P("d")), out_specs=(P(), P())))
+    s1, s2 = single.init(params), multi.init(params)
+    for _ in range(2):
+        s1, m1 = single.step(s1, tasks)
+        s2, m2 = step(s2, sharded)
+    close((s1, m1), (s2, m2))
+
+# seq_reptile: the examples of every batch split over devices (SGD inner steps, so a
+# gradient summed instead of averaged would show).
+ids = jnp.array([0, 1, 1, 0], jnp.int32)
+batches = (jax.random.normal(k3, (4, 8, 2)), jax.random.normal(k4, (4, 8, 1)))
+sharded = jax.device_put(batches, NamedSharding(mesh, P(None, "d")))
+seq_loss = lambda p, b, t: loss(p, b) * (1.0 + t)
+kw = dict(task_grad_cosine=True, reset_inner_state=False)
+single = mg.seq_reptile(seq_loss, optax.sgd(0.1, momentum=0.9), 4, 0.5, **kw)
+multi = mg.seq_reptile(seq_loss, optax.sgd(0.1, momentum=0.9), 4, 0.5, axis_name="d", **kw)
+step = jax.jit(jax.shard_map(
+    multi.step, mesh=mesh, in_specs=(P(), (P(), P(None, "d"))), out_specs=(P(), P())))
+s1, s2 = single.init(params), multi.init(params)
+for _ in range(2):
+    s1, m1 = single.step(s1, (ids, batches))
+    s2, m2 = step(s2, (ids, sharded))
+close((s1, m1), (s2, m2))
+print("MULTI-DEVICE OK")
+"""
+
+
+def test_reptile_and_seq_reptile_multi_device_match_single_device():
+    result = subprocess.run(
+        [sys.executable, "-c", _MULTI_DEVICE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MULTI-DEVICE OK" in result.stdout
+
+
+def test_axis_name_must_be_a_string():
+    with pytest.raises(TypeError, match="axis_name"):
+        mg.reptile(_mlp_loss, optax.sgd(0.1), 2, 1.0, axis_name=0)
+    with pytest.raises(TypeError, match="axis_name"):
+        mg.seq_reptile(_mlp_loss, optax.sgd(0.1), 2, 1.0, axis_name=("a",))

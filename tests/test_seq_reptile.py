@@ -42,6 +42,7 @@ def _assert_tree_close(a, b, rtol=1e-5, atol=1e-6):
 def _naive_seq_reptile(phi, inner, outer_lr, steps, reset):
     """Algorithm 1 of Lee et al. (2022) as Python loops; `steps` = [(ids, batches), ...]."""
     inner_state = inner.init(phi)
+    inner_update = jax.jit(inner.update)
     for ids, batches in steps:
         if reset:
             inner_state = inner.init(phi)
@@ -49,7 +50,7 @@ def _naive_seq_reptile(phi, inner, outer_lr, steps, reset):
         for k, t in enumerate(np.asarray(ids)):
             batch = jax.tree.map(lambda x, k=k: x[k], batches)
             g = _grad(theta, batch, int(t))
-            u, inner_state = inner.update(g, inner_state, theta)
+            u, inner_state = inner_update(g, inner_state, theta)
             theta = optax.apply_updates(theta, u)
         phi = jax.tree.map(lambda p, th: p - outer_lr * (p - th), phi, theta)
     return phi
@@ -85,12 +86,13 @@ def test_seq_reptile_on_one_task_equals_reptile_outer(reset):
     )
     tx = mg.reptile_outer(inner, k, outer, reset_inner_state=reset)
     state, tx_state, params = learner.init(phi), tx.init(phi), phi
+    tx_update = jax.jit(tx.update)
     for i in range(outer_steps):
         batches = _batches(jax.random.PRNGKey(30 + i), k)
         state, metrics = learner.step(state, (jnp.zeros(k, jnp.int32), batches))
         for j in range(k):
             g = _grad(params, jax.tree.map(lambda x, j=j: x[j], batches), 1)
-            u, tx_state = tx.update(g, tx_state, params)
+            u, tx_state = tx_update(g, tx_state, params)
             params = optax.apply_updates(params, u)
         _assert_tree_close(state.params, tx_state.outer_params)
     _assert_tree_close(params, state.params)
