@@ -94,6 +94,24 @@ def _parse_names(values: Sequence[str] | None) -> list[str] | None:
     return names
 
 
+class _Group:
+    """An experiment's argument group; its own `add_argument_group` calls add to it.
+
+    argparse deprecates nested groups, and the runner already groups each
+    experiment's options under its name.
+    """
+
+    def __init__(self, group):
+        self._group = group
+
+    def add_argument_group(self, *args, **kwargs):
+        del args, kwargs
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._group, name)
+
+
 def build_parser(experiments: dict[str, Experiment]) -> argparse.ArgumentParser:
     """The command line: common options plus each experiment's own, grouped by experiment."""
     lines = []
@@ -133,7 +151,7 @@ def build_parser(experiments: dict[str, Experiment]) -> argparse.ArgumentParser:
     for exp in experiments.values():
         if exp.module is not None and hasattr(exp.module, "add_arguments"):
             group = parser.add_argument_group(f"{exp.name} options")
-            exp.module.add_arguments(group)
+            exp.module.add_arguments(_Group(group))
     return parser
 
 
