@@ -7,10 +7,12 @@ default is documented as a reconstruction in `grad_share`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from metagrad import _checks
@@ -38,25 +40,53 @@ def _safe_norm(sq: jax.Array) -> jax.Array:
     return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
-def _normalized_mean(grads: Any, normalize: str, eps: float) -> Any:
-    """Mean over the task axis of the (normalized) task gradients."""
+class _Flat(NamedTuple):
+    """Views a params-like pytree as one flat vector (per task).
+
+    The rule's arithmetic runs on a single ``[tasks, P]`` array instead of leaf by leaf:
+    with small models the cost of an inner step is the number of XLA operations, not
+    their size, and one operation per leaf per formula would multiply it.
+    """
+
+    treedef: Any
+    shapes: tuple
+    sizes: tuple
+    layers: jax.Array  # [P, num_leaves] one-hot: column j marks the entries of leaf j
+
+    @classmethod
+    def of(cls, tree: Any, batch_dims: int) -> _Flat:
+        leaves, treedef = jax.tree.flatten(tree)
+        shapes = tuple(jnp.shape(x)[batch_dims:] for x in leaves)
+        sizes = tuple(math.prod(s) for s in shapes)
+        ids = np.repeat(np.arange(len(sizes)), sizes)
+        layers = jnp.asarray(ids[:, None] == np.arange(len(sizes))[None, :], leaves[0].dtype)
+        return cls(treedef, shapes, sizes, layers)
+
+    def ravel(self, tree: Any, batch_dims: int) -> jax.Array:
+        leaves = jax.tree.leaves(tree)
+        lead = jnp.shape(leaves[0])[:batch_dims]
+        return jnp.concatenate([jnp.reshape(x, lead + (-1,)) for x in leaves], axis=-1)
+
+    def unravel(self, flat: jax.Array) -> Any:
+        lead = flat.shape[:-1]
+        parts = jnp.split(flat, np.cumsum(self.sizes)[:-1], axis=-1)
+        leaves = [jnp.reshape(x, lead + s) for x, s in zip(parts, self.shapes, strict=True)]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def per_entry(self, per_leaf: jax.Array) -> jax.Array:
+        """Spreads per-leaf values ``[..., num_leaves]`` over the entries, ``[..., P]``."""
+        return per_leaf @ self.layers.T
+
+
+def _normalized_mean(flat: _Flat, grads: jax.Array, normalize: str, eps: float) -> jax.Array:
+    """Mean over the task axis of the (normalized) task gradients ``grads`` [tasks, P]."""
     if normalize == "none":
-        return jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-
-    def per_task_sq(g):
-        return jnp.sum(jnp.reshape(g * g, (g.shape[0], -1)), axis=1)
-
+        return jnp.mean(grads, axis=0)
     if normalize == "task":
-        norm = _safe_norm(sum(per_task_sq(g) for g in jax.tree.leaves(grads)))
-        norms = jax.tree.map(lambda g: norm, grads)
+        norm = _safe_norm(jnp.sum(grads * grads, axis=1))[:, None]
     else:  # "layer": each leaf of each task gradient to unit norm
-        norms = jax.tree.map(lambda g: _safe_norm(per_task_sq(g)), grads)
-
-    def leaf(g, n):
-        scale = 1.0 / jnp.maximum(n, eps)
-        return jnp.mean(g * jnp.reshape(scale, (-1,) + (1,) * (g.ndim - 1)), axis=0)
-
-    return jax.tree.map(leaf, grads, norms)
+        norm = flat.per_entry(_safe_norm((grads * grads) @ flat.layers))
+    return jnp.mean(grads / jnp.maximum(norm, eps), axis=0)
 
 
 def grad_share(
@@ -148,21 +178,25 @@ def grad_share(
         return learned, carry
 
     def update(grads, state, params, learned, carry, step):
+        flat = _Flat.of(grads, batch_dims=1)
         k = step_index(step, jax.tree.leaves(learned.momentum)[0].shape[0])
         if per_layer:
-            rate = jax.tree.map(lambda m: jax.nn.sigmoid(m[k]), learned.momentum)
-            gate = jax.tree.map(lambda lam: jax.nn.sigmoid(lam[k]), learned.gate)
+            per_leaf = lambda logits: jnp.stack([x[k] for x in jax.tree.leaves(logits)])
+            rate = flat.per_entry(jax.nn.sigmoid(per_leaf(learned.momentum)))
+            gate = flat.per_entry(jax.nn.sigmoid(per_leaf(learned.gate)))
         else:
-            rate = jax.tree.map(lambda g: jax.nn.sigmoid(learned.momentum[k]), grads)
-            gate = jax.tree.map(lambda g: jax.nn.sigmoid(learned.gate[k]), grads)
-        mean = _normalized_mean(grads, normalize, eps)
-        average = jax.tree.map(lambda a, gm, r: (1 - r) * a + r * gm, carry.average, mean, rate)
+            rate = jax.nn.sigmoid(learned.momentum[k])
+            gate = jax.nn.sigmoid(learned.gate[k])
+        g = flat.ravel(grads, batch_dims=1)
+        mean = _normalized_mean(flat, g, normalize, eps)
+        average = flat.ravel(carry.average, batch_dims=0)
+        average = (1 - rate) * average + rate * mean
         # The shared average G has no task axis: it broadcasts over the task batch.
-        delta = jax.tree.map(lambda g, a, s: (1 - s) * g + s * a, grads, average, gate)
+        delta = flat.unravel((1 - gate) * g + gate * average)
         updates, state, inner_carry = base.update(
             delta, state, params, learned.inner, carry.inner, step
         )
-        return updates, state, GradShareCarry(average, inner_carry)
+        return updates, state, GradShareCarry(flat.unravel(average), inner_carry)
 
     def eval_carry(carry):
         inner_carry = base.eval_carry(carry.inner) if base.eval_carry else carry.inner
