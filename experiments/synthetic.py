@@ -407,7 +407,7 @@ def _plot(out_dir: pathlib.Path, cfg: Config, results: dict, minima: np.ndarray)
     np.atleast_1d(axes)[0].set_ylabel(
         f"avg pairwise cosine of task gradients\n(running mean of {window})"
     )
-    np.atleast_1d(axes)[-1].legend(fontsize=8, loc="lower right")
+    np.atleast_1d(axes)[0].legend(fontsize=8, loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(out_dir / "synthetic_cosine.png", dpi=100)
     plt.close(fig)
