@@ -47,12 +47,19 @@ def _eps(params: Any) -> float:
 
 
 def _norm(tree: Any) -> jax.Array:
-    """Euclidean norm of a tree, scaled by its largest entry to avoid overflow."""
+    """Euclidean norm of a tree, safe from overflow and underflow of the squares."""
     leaves = _float_leaves(tree)
-    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf), initial=0) for leaf in leaves]))
-    safe = jnp.where(scale > 0, scale, 1)
-    total = sum(jnp.sum(jnp.square(leaf / safe.astype(leaf.dtype))) for leaf in leaves)
-    return safe * jnp.sqrt(total)
+    total = sum(jnp.sum(jnp.square(leaf)) for leaf in leaves)
+
+    def rescaled():
+        # Only when the plain sum over- or underflowed: divide by the largest entry.
+        scale = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf), initial=0) for leaf in leaves]))
+        safe = jnp.where(scale > 0, scale, 1)
+        scaled = sum(jnp.sum(jnp.square(leaf / safe.astype(leaf.dtype))) for leaf in leaves)
+        return (safe * jnp.sqrt(scaled)).astype(total.dtype)
+
+    fine = jnp.isfinite(total) & (total > jnp.finfo(total.dtype).tiny)
+    return jax.lax.cond(fine, lambda: jnp.sqrt(total), rescaled)
 
 
 def fd_step(params: chex.ArrayTree, v: chex.ArrayTree, scheme: str = "forward") -> jax.Array:
