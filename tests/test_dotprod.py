@@ -146,6 +146,14 @@ def test_every_n(x64, scheme):
     assert counter.n == calls + extra
 
 
+@pytest.mark.parametrize("scheme", ["forward", "central", "exact"])
+def test_preserves_dtype(scheme):
+    params, g1, grad_fn = tanh_problem(jnp.bfloat16, sizes=(4, 8, 1))
+    g, state = update(mg.dotprod(scheme=scheme), g1, params, grad_fn)
+    assert [x.dtype for x in jax.tree.leaves(g)] == [x.dtype for x in jax.tree.leaves(params)]
+    assert np.all(np.isfinite(flat(g)))
+
+
 def test_chain_with_sgd():
     params, g1, grad_fn = tanh_problem(jnp.float32)
     lr = 0.05
