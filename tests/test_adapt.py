@@ -15,13 +15,17 @@ def _loss(params, batch):
 
 
 def _params():
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    return {"w": jax.random.normal(k1, (2, 3)), "v": jax.random.normal(k2, (3, 1))}
+    rng = np.random.default_rng(0)
+    return {
+        "w": jnp.asarray(rng.standard_normal((2, 3)), jnp.float32),
+        "v": jnp.asarray(rng.standard_normal((3, 1)), jnp.float32),
+    }
 
 
-def _batch(key, leading=()):
-    k1, k2 = jax.random.split(key)
-    return jax.random.normal(k1, (*leading, 6, 2)), jax.random.normal(k2, (*leading, 6, 1))
+def _batch(seed, leading=()):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((*leading, 6, 2), np.float32)
+    return x, rng.standard_normal((*leading, 6, 1), np.float32)
 
 
 _value_and_grad = jax.jit(jax.value_and_grad(_loss))
@@ -47,7 +51,7 @@ def _assert_tree_close(a, b):
 @pytest.mark.parametrize("per_step", [False, True])
 @pytest.mark.parametrize("inner", [optax.sgd(0.1), optax.adam(0.05)])
 def test_adapt_matches_naive_loop(inner, per_step):
-    batches = _batch(jax.random.PRNGKey(1), (4,) if per_step else ())
+    batches = _batch(1, (4,) if per_step else ())
     params, losses = mg.adapt(
         _loss, inner, _params(), batches, 4, batch_per_step=per_step, return_losses=True
     )
@@ -58,7 +62,7 @@ def test_adapt_matches_naive_loop(inner, per_step):
 
 def test_adapt_continues_from_given_state():
     inner = optax.adam(0.05)
-    batch = _batch(jax.random.PRNGKey(2))
+    batch = _batch(2)
     _, _, state = _naive(inner, _params(), batch, 2, False)
     params = mg.adapt(_loss, inner, _params(), batch, 3, inner_state=state)
     ref_params, _, _ = _naive(inner, _params(), batch, 3, False, state)
@@ -83,7 +87,7 @@ def test_adapt_quadratic_sgd_closed_form(x64):
 
 def test_adapt_vmaps_over_tasks_and_jits():
     inner = optax.sgd(0.1)
-    tasks = _batch(jax.random.PRNGKey(3), (5,))
+    tasks = _batch(3, (5,))
     batched = jax.jit(jax.vmap(lambda s: mg.adapt(_loss, inner, _params(), s, 3)))(tasks)
     for t in range(5):
         one = mg.adapt(_loss, inner, _params(), jax.tree.map(lambda x, t=t: x[t], tasks), 3)
@@ -109,7 +113,7 @@ def test_adapt_bad_arguments(kwargs, error, match):
         loss_fn=_loss,
         inner=optax.sgd(0.1),
         params=_params(),
-        support=_batch(jax.random.PRNGKey(0)),
+        support=_batch(0),
         num_steps=3,
     )
     args.update(kwargs)

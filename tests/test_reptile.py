@@ -19,16 +19,12 @@ def _quadratic_grad(params, a, b):
     return a @ params - b
 
 
-def _random_quadratic(key, dim=3, dtype=jnp.float32):
-    k1, k2 = jax.random.split(key)
-    m = jax.random.normal(k1, (dim, dim), dtype)
-    a = m @ m.T / dim + jnp.eye(dim, dtype=dtype)
-    b = jax.random.normal(k2, (dim,), dtype)
-    return a, b
-
-
-def _grads_sequence(key, n, shape):
-    return jax.random.normal(key, (n, *shape))
+def _random_quadratic(seed, dim=3, dtype=np.float32):
+    # Test data from NumPy: no per-shape compilation as with eager jax.random.
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((dim, dim))
+    a = m @ m.T / dim + np.eye(dim)
+    return jnp.asarray(a, dtype), jnp.asarray(rng.standard_normal(dim), dtype)
 
 
 # The reference loops below are plain Python; their pieces are jitted (cached per
@@ -67,8 +63,7 @@ def test_reptile_outer_one_step_lr_one_is_inner_optimizer(inner):
 def test_reptile_outer_matches_lookahead_slow_weights(inner_steps, outer_lr):
     # optax.lookahead with sync_period=K, slow_step_size=η on SGD inner steps is
     # Reptile: slow ← slow + η(fast_K − slow) = φ − η(φ − θ_K).
-    key = jax.random.PRNGKey(0)
-    a, b = _random_quadratic(key)
+    a, b = _random_quadratic(0)
     params = jnp.array([1.0, -2.0, 0.5])
     tx = mg.reptile_outer(optax.sgd(0.2), inner_steps, outer_lr)
     la = optax.lookahead(optax.sgd(0.2), sync_period=inner_steps, slow_step_size=outer_lr)
@@ -107,7 +102,7 @@ def _naive_reptile(grad_fn, inner, phi, inner_steps, outer_steps, outer_update, 
 
 @pytest.mark.parametrize("reset", [False, True])
 def test_reptile_outer_schedule_and_reset_match_naive_loop(reset):
-    a, b = _random_quadratic(jax.random.PRNGKey(1))
+    a, b = _random_quadratic(1)
     sched = optax.linear_schedule(0.9, 0.1, 3)
     inner = optax.adam(0.1)
     phi0 = jnp.array([1.0, 2.0, -1.0])
@@ -131,7 +126,7 @@ def test_reptile_outer_schedule_and_reset_match_naive_loop(reset):
 
 
 def test_reptile_outer_optax_outer_sign_convention():
-    a, b = _random_quadratic(jax.random.PRNGKey(2))
+    a, b = _random_quadratic(2)
     phi0 = jnp.array([0.3, -0.7, 1.1])
 
     def run(outer_lr):
@@ -162,7 +157,7 @@ def test_reptile_outer_optax_outer_sign_convention():
 def test_reptile_outer_quadratic_meta_gradient_closed_form(x64):
     # On L(θ) = ½θᵀAθ − bᵀθ with SGD(α): θ_k = θ_{k−1} − α(Aθ_{k−1} − b), and
     # after one outer step φ' = φ − η(φ − θ_K).
-    a, b = _random_quadratic(jax.random.PRNGKey(3), dim=4, dtype=jnp.float64)
+    a, b = _random_quadratic(3, dim=4, dtype=jnp.float64)
     phi = jnp.linspace(-1.0, 1.0, 4, dtype=jnp.float64)
     alpha, eta, k = 0.1, 0.7, 5
     theta = np.asarray(phi)
@@ -224,7 +219,7 @@ def test_reptile_outer_jit_compiles_once():
 
 
 def test_reptile_outer_inject_hyperparams():
-    a, b = _random_quadratic(jax.random.PRNGKey(4))
+    a, b = _random_quadratic(4)
     phi0 = jnp.array([0.5, 0.5, -0.5])
     tx = optax.inject_hyperparams(mg.reptile_outer)(optax.sgd(0.1), inner_steps=3, outer_lr=0.4)
     ref = mg.reptile_outer(optax.sgd(0.1), 3, 0.4)
@@ -292,19 +287,19 @@ def _mlp_loss(params, batch):
     return jnp.mean((h @ params["w2"] - y) ** 2)
 
 
-def _mlp_params(key):
-    k1, k2 = jax.random.split(key)
+def _mlp_params(seed):
+    rng = np.random.default_rng(seed)
     return {
-        "w1": jax.random.normal(k1, (2, 4)) * 0.5,
+        "w1": jnp.asarray(rng.standard_normal((2, 4)) * 0.5, jnp.float32),
         "b1": jnp.zeros(4),
-        "w2": jax.random.normal(k2, (4, 1)) * 0.5,
+        "w2": jnp.asarray(rng.standard_normal((4, 1)) * 0.5, jnp.float32),
     }
 
 
-def _mlp_tasks(key, num_tasks, leading=()):
-    k1, k2 = jax.random.split(key)
-    x = jax.random.normal(k1, (num_tasks, *leading, 5, 2))
-    y = jax.random.normal(k2, (num_tasks, *leading, 5, 1))
+def _mlp_tasks(seed, num_tasks, leading=()):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num_tasks, *leading, 5, 2), np.float32)
+    y = rng.standard_normal((num_tasks, *leading, 5, 1), np.float32)
     return x, y
 
 
@@ -322,10 +317,9 @@ def _naive_task_run(loss_fn, inner, phi, batches, inner_steps, per_step, inner_s
 
 @pytest.mark.parametrize("batch_per_step", [False, True])
 def test_reptile_equals_mean_of_serial_runs(batch_per_step):
-    key = jax.random.PRNGKey(5)
-    phi = _mlp_params(key)
+    phi = _mlp_params(5)
     k = 3
-    tasks = _mlp_tasks(jax.random.PRNGKey(6), 4, (k,) if batch_per_step else ())
+    tasks = _mlp_tasks(6, 4, (k,) if batch_per_step else ())
     inner = optax.adam(0.05)
     learner = mg.reptile(_mlp_loss, inner, k, optax.sgd(0.7), batch_per_step=batch_per_step)
     state, metrics = learner.step(learner.init(phi), tasks)
@@ -350,8 +344,7 @@ def test_reptile_equals_mean_of_serial_runs(batch_per_step):
 
 def test_reptile_quadratic_meta_gradient_is_unrolled_recursion(x64):
     # L_t(θ) = ½θᵀA_tθ − b_tᵀθ; SGD(α): θ_k = θ_{k−1} − α(A_t θ_{k−1} − b_t).
-    keys = jax.random.split(jax.random.PRNGKey(7), 3)
-    quads = [_random_quadratic(k, dim=3, dtype=jnp.float64) for k in keys]
+    quads = [_random_quadratic(70 + i, dim=3, dtype=jnp.float64) for i in range(3)]
     a = jnp.stack([q[0] for q in quads])
     b = jnp.stack([q[1] for q in quads])
     alpha, eta, k = 0.05, 0.3, 6
@@ -383,13 +376,13 @@ def test_reptile_quadratic_meta_gradient_is_unrolled_recursion(x64):
 
 
 def test_reptile_carried_inner_state_matches_naive_loop():
-    phi = _mlp_params(jax.random.PRNGKey(8))
+    phi = _mlp_params(8)
     inner = optax.sgd(0.1, momentum=0.9)
     learner = mg.reptile(_mlp_loss, inner, 2, optax.sgd(0.5), reset_inner_state=False)
     state = learner.init(phi)
     ref_phi, ref_inner = phi, inner.init(phi)
     for step in range(3):
-        tasks = _mlp_tasks(jax.random.PRNGKey(10 + step), 3)
+        tasks = _mlp_tasks(10 + step, 3)
         state, _ = learner.step(state, tasks)
         runs = [
             _naive_task_run(
@@ -418,11 +411,11 @@ def test_reptile_carried_inner_state_matches_naive_loop():
 
 
 def test_reptile_adapt_is_inner_loop_from_learned_init():
-    phi = _mlp_params(jax.random.PRNGKey(9))
+    phi = _mlp_params(9)
     inner = optax.sgd(0.1)
     learner = mg.reptile(_mlp_loss, inner, 3, optax.adam(1e-2))
-    state, _ = learner.step(learner.init(phi), _mlp_tasks(jax.random.PRNGKey(1), 2))
-    support = jax.tree.map(lambda x: x[0], _mlp_tasks(jax.random.PRNGKey(2), 1))
+    state, _ = learner.step(learner.init(phi), _mlp_tasks(1, 2))
+    support = jax.tree.map(lambda x: x[0], _mlp_tasks(2, 1))
     for num_steps in (None, 5):
         adapted = learner.adapt(state, support, num_steps)
         expected, _ = _naive_task_run(
@@ -449,11 +442,11 @@ def test_reptile_step_compiles_once(reset):
         reset_inner_state=reset,
         task_grad_cosine=True,
     )
-    state = learner.init(_mlp_params(jax.random.PRNGKey(0)))
-    state, _ = learner.step(state, _mlp_tasks(jax.random.PRNGKey(0), 3))
+    state = learner.init(_mlp_params(0))
+    state, _ = learner.step(state, _mlp_tasks(0, 3))
     count = len(traces)
     for i in range(10):
-        state, metrics = learner.step(state, _mlp_tasks(jax.random.PRNGKey(i + 1), 3))
+        state, metrics = learner.step(state, _mlp_tasks(i + 1, 3))
     assert len(traces) == count
     assert np.isfinite(metrics["loss"])
 
@@ -479,14 +472,14 @@ def test_reptile_bad_arguments(kwargs, error, match):
 
 
 def test_reptile_bad_tasks():
-    phi = _mlp_params(jax.random.PRNGKey(0))
+    phi = _mlp_params(0)
     learner = mg.reptile(_mlp_loss, optax.sgd(0.1), 3, 1.0, batch_per_step=True)
     state = learner.init(phi)
     with pytest.raises(ValueError, match="tasks"):
-        learner.step(state, _mlp_tasks(jax.random.PRNGKey(0), 2, (2,)))  # 2 batches, K = 3
+        learner.step(state, _mlp_tasks(0, 2, (2,)))  # 2 batches, K = 3
     cos = mg.reptile(_mlp_loss, optax.sgd(0.1), 3, 1.0, task_grad_cosine=True)
     with pytest.raises(ValueError, match="tasks"):
-        cos.step(cos.init(phi), _mlp_tasks(jax.random.PRNGKey(0), 1))
+        cos.step(cos.init(phi), _mlp_tasks(0, 1))
 
 
 _MULTI_DEVICE_SCRIPT = """

@@ -22,17 +22,17 @@ def _loss(params, batch, task_id):
 _grad = jax.jit(jax.grad(_loss), static_argnums=2)
 
 
-def _params(key):
-    k1, k2 = jax.random.split(key)
+def _params(seed):
+    rng = np.random.default_rng(seed)
     return {
-        "w": jax.random.normal(k1, (2, 3)) * 0.5,
-        "heads": jax.random.normal(k2, (NUM_TASKS, 3, 1)) * 0.5,
+        "w": jnp.asarray(rng.standard_normal((2, 3)) * 0.5, jnp.float32),
+        "heads": jnp.asarray(rng.standard_normal((NUM_TASKS, 3, 1)) * 0.5, jnp.float32),
     }
 
 
-def _batches(key, k):
-    k1, k2 = jax.random.split(key)
-    return jax.random.normal(k1, (k, 4, 2)), jax.random.normal(k2, (k, 4, 1))
+def _batches(seed, k):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((k, 4, 2), np.float32), rng.standard_normal((k, 4, 1), np.float32)
 
 
 def _assert_tree_close(a, b, rtol=1e-5, atol=1e-6):
@@ -59,12 +59,12 @@ def _naive_seq_reptile(phi, inner, outer_lr, steps, reset):
 @pytest.mark.parametrize("reset", [True, False])
 def test_seq_reptile_matches_naive_algorithm(reset):
     k = 4
-    phi = _params(jax.random.PRNGKey(0))
+    phi = _params(0)
     inner = optax.adam(0.05)
     steps = [
         (
             mg.sample_tasks(jax.random.PRNGKey(10 + i), mg.task_probs([10, 20, 40], q=0.2), k),
-            _batches(jax.random.PRNGKey(20 + i), k),
+            _batches(20 + i, k),
         )
         for i in range(3)
     ]
@@ -79,7 +79,7 @@ def test_seq_reptile_matches_naive_algorithm(reset):
 @pytest.mark.parametrize("reset", [True, False])
 def test_seq_reptile_on_one_task_equals_reptile_outer(reset):
     k, outer_steps = 3, 3
-    phi = _params(jax.random.PRNGKey(1))
+    phi = _params(1)
     inner, outer = optax.adam(0.05), optax.adam(0.1)
     learner = mg.seq_reptile(
         lambda p, b: _loss(p, b, 1), inner, k, outer, reset_inner_state=reset, pass_task_id=False
@@ -88,7 +88,7 @@ def test_seq_reptile_on_one_task_equals_reptile_outer(reset):
     state, tx_state, params = learner.init(phi), tx.init(phi), phi
     tx_update = jax.jit(tx.update)
     for i in range(outer_steps):
-        batches = _batches(jax.random.PRNGKey(30 + i), k)
+        batches = _batches(30 + i, k)
         state, metrics = learner.step(state, (jnp.zeros(k, jnp.int32), batches))
         for j in range(k):
             g = _grad(params, jax.tree.map(lambda x, j=j: x[j], batches), 1)
@@ -100,9 +100,9 @@ def test_seq_reptile_on_one_task_equals_reptile_outer(reset):
 
 def test_seq_reptile_task_grad_cosine_is_inter_task_mean():
     k = 5
-    phi = _params(jax.random.PRNGKey(2))
+    phi = _params(2)
     ids = jnp.array([0, 1, 0, 2, 1], jnp.int32)
-    batches = _batches(jax.random.PRNGKey(3), k)
+    batches = _batches(3, k)
     learner = mg.seq_reptile(_loss, optax.sgd(0.1), k, 0.5, task_grad_cosine=True)
     _, metrics = learner.step(learner.init(phi), (ids, batches))
     grads = []
@@ -122,11 +122,11 @@ def test_seq_reptile_task_grad_cosine_is_inter_task_mean():
 
 
 def test_seq_reptile_adapt():
-    phi = _params(jax.random.PRNGKey(4))
+    phi = _params(4)
     inner = optax.sgd(0.1)
     learner = mg.seq_reptile(_loss, inner, 2, 1.0)
     state = learner.init(phi)
-    batch = jax.tree.map(lambda x: x[0], _batches(jax.random.PRNGKey(5), 1))
+    batch = jax.tree.map(lambda x: x[0], _batches(5, 1))
     adapted = learner.adapt(state, (2, batch), 3)
     theta = phi
     for _ in range(3):
@@ -145,12 +145,12 @@ def test_seq_reptile_step_compiles_once():
 
     k = 3
     learner = mg.seq_reptile(loss_fn, optax.adam(1e-2), k, optax.adam(1e-3), task_grad_cosine=True)
-    state = learner.init(_params(jax.random.PRNGKey(0)))
+    state = learner.init(_params(0))
     probs = mg.task_probs([1, 2, 3], q=1.0)
     count = None
     for i in range(11):
-        ids = mg.sample_tasks(jax.random.PRNGKey(i), probs, k)
-        state, metrics = learner.step(state, (ids, _batches(jax.random.PRNGKey(i), k)))
+        ids = np.random.default_rng(i).choice(3, k, p=np.asarray(probs)).astype(np.int32)
+        state, metrics = learner.step(state, (ids, _batches(i, k)))
         count = len(traces) if count is None else count
     assert len(traces) == count
     assert np.isfinite(metrics["loss"])
@@ -178,8 +178,8 @@ def test_seq_reptile_bad_arguments(kwargs, error, match):
 def test_seq_reptile_bad_tasks():
     k = 3
     learner = mg.seq_reptile(_loss, optax.sgd(0.1), k, 0.5)
-    state = learner.init(_params(jax.random.PRNGKey(0)))
-    batches = _batches(jax.random.PRNGKey(0), k)
+    state = learner.init(_params(0))
+    batches = _batches(0, k)
     with pytest.raises(TypeError, match="tasks"):
         learner.step(state, batches[0])
     with pytest.raises(ValueError, match="task_ids"):
@@ -187,4 +187,4 @@ def test_seq_reptile_bad_tasks():
     with pytest.raises(TypeError, match="task_ids"):
         learner.step(state, (jnp.zeros(k), batches))
     with pytest.raises(ValueError, match="batches"):
-        learner.step(state, (jnp.zeros(k, jnp.int32), _batches(jax.random.PRNGKey(0), k + 1)))
+        learner.step(state, (jnp.zeros(k, jnp.int32), _batches(0, k + 1)))
