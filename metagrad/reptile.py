@@ -102,9 +102,19 @@ def reptile_outer(
 
     With the batches of the inner steps drawn from one task this is
     single-task Reptile (a regularizer); with batches rotating across tasks it
-    is Sequential Reptile (Lee et al., 2022, Algorithm 1). With SGD inner steps
-    and a float ``outer_lr`` it equals `optax.lookahead` with
-    ``sync_period=inner_steps, slow_step_size=outer_lr`` (on its slow weights).
+    is Sequential Reptile (Lee et al., 2022, Algorithm 1). With a float
+    ``outer_lr`` it equals `optax.lookahead` with ``sync_period=inner_steps,
+    slow_step_size=outer_lr`` (``state.outer_params`` is lookahead's slow
+    weights).
+
+    It composes like any optax transformation: inside `optax.chain` (extra
+    keyword arguments reach ``inner``), `optax.apply_if_finite` (a skipped call
+    leaves the state, so the inner-step count, unchanged) and
+    `optax.inject_hyperparams` (``outer_lr`` and ``inner_steps`` become arrays
+    in the state; a schedule given there is evaluated at every call, not per
+    outer step). In data-parallel training, average the gradients before this
+    transformation as for any optimizer; the outer update is deterministic, so
+    replicas stay identical.
 
     Args:
       inner: the inner optimizer, any optax transformation (extra keyword

@@ -553,3 +553,54 @@ def test_axis_name_must_be_a_string():
         mg.reptile(_mlp_loss, optax.sgd(0.1), 2, 1.0, axis_name=0)
     with pytest.raises(TypeError, match="axis_name"):
         mg.seq_reptile(_mlp_loss, optax.sgd(0.1), 2, 1.0, axis_name=("a",))
+
+
+def test_reptile_outer_apply_if_finite_skips_bad_steps():
+    a, b = _random_quadratic(11)
+    phi0 = jnp.array([1.0, 0.0, -1.0])
+    tx = optax.apply_if_finite(mg.reptile_outer(optax.sgd(0.1), 2, 0.5), max_consecutive_errors=5)
+    ref = mg.reptile_outer(optax.sgd(0.1), 2, 0.5)
+    update, ref_update = jax.jit(tx.update), jax.jit(ref.update)
+    state, ref_state, p, q = tx.init(phi0), ref.init(phi0), phi0, phi0
+    for i in range(6):
+        if i in (1, 4):  # a non-finite gradient: no change to params or to the count
+            u, state = update(jnp.full(3, jnp.nan), state, p)
+            p = optax.apply_updates(p, u)
+        u, state = update(_quadratic_grad(p, a, b), state, p)
+        v, ref_state = ref_update(_quadratic_grad(q, a, b), ref_state, q)
+        p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
+    np.testing.assert_allclose(p, q, rtol=1e-6)
+    assert np.all(np.isfinite(state.inner_state.outer_params))
+
+
+def test_states_checkpoint_and_resume_mid_inner_loop():
+    from flax import serialization
+
+    # reptile_outer: save after 4 of 6 calls (inside an inner loop of 3), restore, continue.
+    a, b = _random_quadratic(12)
+    tx = mg.reptile_outer(optax.adam(0.1), 3, optax.adam(0.2))
+    update = jax.jit(tx.update)
+
+    def run(p, state, n):
+        for _ in range(n):
+            u, state = update(_quadratic_grad(p, a, b), state, p)
+            p = optax.apply_updates(p, u)
+        return p, state
+
+    phi0 = jnp.array([1.0, 2.0, 3.0])
+    p_full, s_full = run(phi0, tx.init(phi0), 7)
+    p_mid, s_mid = run(phi0, tx.init(phi0), 4)
+    blob = serialization.to_bytes((p_mid, s_mid))
+    p_res, s_res = serialization.from_bytes((phi0, tx.init(phi0)), blob)
+    p_res, s_res = run(p_res, s_res, 3)
+    jax.tree.map(np.testing.assert_array_equal, (p_full, s_full), (p_res, s_res))
+
+    # reptile meta-learner with a carried inner state.
+    learner = mg.reptile(_mlp_loss, optax.adam(0.05), 2, optax.adam(0.1), reset_inner_state=False)
+    state = learner.init(_mlp_params(0))
+    for i in range(2):
+        state, _ = learner.step(state, _mlp_tasks(i, 2))
+    restored = serialization.from_bytes(learner.init(_mlp_params(0)), serialization.to_bytes(state))
+    full, _ = learner.step(state, _mlp_tasks(2, 2))
+    resumed, _ = learner.step(restored, _mlp_tasks(2, 2))
+    jax.tree.map(np.testing.assert_array_equal, full, resumed)
