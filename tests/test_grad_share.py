@@ -223,3 +223,15 @@ def test_bad_arguments():
         mg.grad_share("sgd")
     with pytest.raises(ValueError, match="eps"):
         mg.grad_share(0.1, eps=0.0)
+
+
+def test_experiment_tiny_budget_writes_finite_results(tmp_path):
+    from experiments import grad_share_sinusoid
+
+    rows = grad_share_sinusoid.run(tmp_path, budget="tiny", progress=False)
+    for name in ("grad_share_curves.png", "grad_share.json", "grad_share.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert {(r["method"], r["lr_factor"]) for r in rows} == {
+        (m, f) for m in ("maml", "maml+grad_share") for f in (1.0, 10.0)
+    }
+    assert all(r["experiment"] == "grad_share" and np.isfinite(r["final_loss"]) for r in rows)
