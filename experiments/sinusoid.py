@@ -79,6 +79,7 @@ OUTER_LR = 1e-3
 EVAL_STEPS = (1, 5, 10)
 EVAL_SHOTS = (5, 10)
 EVAL_QUERY = 100
+DIVERGED = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,6 +368,10 @@ def _summary_row(name: str, curves: np.ndarray, iterations: int, label: str | No
             key = f"mse_{shots}shot_{steps}step"
             row[key] = float(np.mean(values))
             row[key + "_ci95"] = float(1.96 * np.std(values, ddof=1) / np.sqrt(n))
+    final = curves[:, :, max(EVAL_STEPS)]
+    # A query MSE above DIVERGED after the last step means SGD blew up on that task (the
+    # zero function scores at most 12.5 on these tasks); the mean then says little.
+    row["diverged_frac"] = float(np.mean(~(final <= DIVERGED)))
     row["iterations"] = iterations
     row["test_tasks"] = n
     return row
@@ -379,28 +384,42 @@ def _plot(out_dir: pathlib.Path, results: dict, params_by_method: dict, key) -> 
     import matplotlib.pyplot as plt
 
     names = list(results)
-    # (1) query MSE vs SGD steps, with 95% CI bands.
-    fig, axes = plt.subplots(1, len(EVAL_SHOTS), figsize=(5.5 * len(EVAL_SHOTS), 4), sharey=True)
+    # (1) query MSE vs SGD steps: mean with 95% CI bands (top), median and quartiles
+    # (bottom, robust to the few tasks on which SGD diverges).
+    fig, axes = plt.subplots(
+        2, len(EVAL_SHOTS), figsize=(5.5 * len(EVAL_SHOTS), 8), sharey=True, squeeze=False
+    )
     steps = np.arange(max(EVAL_STEPS) + 1)
     for i, shots in enumerate(EVAL_SHOTS):
-        ax = axes[i]
         for name in names:
             curves = results[name]["curves"][i]
-            mean = curves.mean(0)
-            ci = 1.96 * curves.std(0, ddof=1) / np.sqrt(curves.shape[0])
-            ax.plot(steps, mean, marker=".", label=LABELS[name])
-            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
-        for name, paper in PAPER_5SHOT.items():
-            if shots == 5 and name in names:
-                ax.scatter(EVAL_STEPS, paper, marker="x", color="k", zorder=5)
-        ax.set_title(
-            f"{shots}-shot test tasks" + (" (x: MAML paper Table 2)" if shots == 5 else "")
+            with np.errstate(invalid="ignore", over="ignore"):
+                mean = curves.mean(0)
+                ci = 1.96 * curves.std(0, ddof=1) / np.sqrt(curves.shape[0])
+            finite = np.isfinite(mean) & (mean < 1e3)
+            (line,) = axes[0, i].plot(steps[finite], mean[finite], marker=".", label=LABELS[name])
+            axes[0, i].fill_between(
+                steps[finite], (mean - ci)[finite], (mean + ci)[finite], alpha=0.2
+            )
+            q1, med, q3 = np.nanquantile(curves, [0.25, 0.5, 0.75], axis=0)
+            axes[1, i].plot(steps, med, marker=".", color=line.get_color(), label=LABELS[name])
+            axes[1, i].fill_between(steps, q1, q3, color=line.get_color(), alpha=0.15)
+        if shots == 5:
+            for name, paper in PAPER_5SHOT.items():
+                if name in names:
+                    axes[0, i].scatter(EVAL_STEPS, paper, marker="x", color="k", zorder=5)
+        axes[0, i].set_title(
+            f"{shots}-shot test tasks, mean ± 95% CI"
+            + (" (x: MAML paper Table 2)" if shots == 5 else "")
         )
-        ax.set_xlabel("SGD steps on the support points (lr 0.01)")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("query MSE")
-    axes[-1].legend(fontsize=8)
+        axes[1, i].set_title(f"{shots}-shot test tasks, median and quartiles")
+        for ax in axes[:, i]:
+            ax.set_xlabel("SGD steps on the support points (lr 0.01)")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("query MSE (means above 1e3 not drawn)")
+    axes[1, 0].set_ylabel("query MSE")
+    axes[0, -1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "sinusoid_mse_vs_steps.png", dpi=120)
     plt.close(fig)
@@ -477,6 +496,13 @@ def run(
         "config": dataclasses.asdict(cfg) | {"budget": budget, "seed": seed},
         "paper_5shot_table2": PAPER_5SHOT,
         "rows": rows,
+        "median_mse_vs_steps": {
+            name: {
+                f"{shots}shot": np.nanmedian(r["curves"][i], 0).tolist()
+                for i, shots in enumerate(EVAL_SHOTS)
+            }
+            for name, r in results.items()
+        },
         "mse_vs_steps": {
             name: {
                 f"{shots}shot": r["curves"][i].mean(0).tolist()
@@ -491,5 +517,11 @@ def run(
         },
     }
     runner.write_json(out_dir / "sinusoid.json", summary)
+    # Per-task query MSEs, [shots, tasks, steps], for re-analysis (medians, divergence).
+    np.savez_compressed(
+        out_dir / "sinusoid_curves.npz",
+        eval_shots=np.array(EVAL_SHOTS),
+        **{name: r["curves"] for name, r in results.items()},
+    )
     runner.write_csv(out_dir / "sinusoid.csv", rows)
     return rows
