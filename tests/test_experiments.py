@@ -114,8 +114,10 @@ def test_experiment_tiny(tmp_path, name):
 
 
 def test_same_seed_same_results_other_seed_differs(tmp_path):
-    argv = ["--only", "digits", "sinusoid", "--digits-methods", "plain", "dotprod"]
-    argv += ["--digits-seeds", "2", "--sinusoid-methods", "pretrain", "dotprod"]
+    # One cheap method each: reproducibility comes from the runner's seed and the
+    # experiments' key handling, the same for every method.
+    argv = ["--only", "digits", "sinusoid", "--digits-methods", "plain", "--digits-seeds", "2"]
+    argv += ["--sinusoid-methods", "pretrain", "--sinusoid-test-tasks", "100"]
 
     def rows(seed, sub):
         code, out = _run(tmp_path / sub, *argv, "--seed", str(seed))

@@ -91,20 +91,23 @@ def test_meta_batch_stacks_episodes():
 def test_conv4_shapes(size, channels):
     params = conv4_init(jax.random.key(0), channels, 5, size, hidden=8)
     assert len(params) == 5 and params[0]["w"].shape == (3, 3, channels, 8)
-    apply = jax.jit(conv4_apply, static_argnames="batch_norm")
-    logits = apply(params, jnp.ones((7, size, size, channels)))
-    assert logits.shape == (7, 5)
+    x = jax.random.uniform(jax.random.key(1), (6, size, size, channels))
+
+    @jax.jit
+    def outputs(params, x):
+        return {
+            "all": conv4_apply(params, x),
+            "first": conv4_apply(params, x[:3]),
+            "all_no_bn": conv4_apply(params, x, batch_norm=False),
+            "first_no_bn": conv4_apply(params, x[:3], batch_norm=False),
+        }
+
+    out = outputs(params, x)
+    assert out["all"].shape == (6, 5)
     # Batch norm uses the batch's own statistics: an example's logits depend on the
     # rest of its batch, and do not when batch norm is off.
-    x = jax.random.uniform(jax.random.key(1), (6, size, size, channels))
-    alone, together = apply(params, x[:3]), apply(params, x)[:3]
-    assert not np.allclose(alone, together, atol=1e-4)
-    np.testing.assert_allclose(
-        apply(params, x[:3], batch_norm=False),
-        apply(params, x, batch_norm=False)[:3],
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    assert not np.allclose(out["first"], out["all"][:3], atol=1e-4)
+    np.testing.assert_allclose(out["first_no_bn"], out["all_no_bn"][:3], rtol=1e-5, atol=1e-6)
 
 
 def test_mock_data_source_episode_through_a_maml_step():
