@@ -16,7 +16,9 @@ Timing: each variant runs blocks of ``--dotprod-steps`` steps (a multiple of 10,
 block holds the same share of regularized steps), timed with ``block_until_ready``, after
 a warm-up. The variants are interleaved in rounds whose order rotates, the ratio to
 ``plain`` is taken within each round and the median over rounds is reported, so slow
-drifts of machine load affect numerator and denominator alike. Memory: the temporary
+drifts of machine load affect numerator and denominator alike. The same ratios are also
+reported in process CPU time (all threads), which other processes on a busy machine
+disturb much less than wall-clock time. Memory: the temporary
 buffers and the estimated peak (arguments + outputs + temporaries - donated aliases) of
 each compiled step, from XLA's ``memory_analysis()``.
 
@@ -131,21 +133,24 @@ def run(args) -> list[dict]:
 
     names = list(states)
     times = {name: [] for name in names}
+    cpu_times = {name: [] for name in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             params, opt_state = states[name]
             step = steps_fn[name]
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 params, opt_state = step(params, opt_state, b1, b2)
             jax.block_until_ready((params, opt_state))
             times[name].append((time.perf_counter() - start) / steps)
+            cpu_times[name].append((time.process_time() - cpu_start) / steps)
             states[name] = (params, opt_state)
 
     rows = []
     for name in names:
         ratios = [t / p for t, p in zip(times[name], times["plain"], strict=True)]
+        cpu_ratios = [t / p for t, p in zip(cpu_times[name], cpu_times["plain"], strict=True)]
         limit = limits[name]
         rows.append(
             {
@@ -156,6 +161,8 @@ def run(args) -> list[dict]:
                 "ms_per_step": round(1e3 * statistics.median(times[name]), 2),
                 "ratio_to_plain": round(statistics.median(ratios), 3),
                 "ratio_min_max": f"{min(ratios):.3f}-{max(ratios):.3f}",
+                "cpu_ms_per_step": round(1e3 * statistics.median(cpu_times[name]), 2),
+                "cpu_ratio_to_plain": round(statistics.median(cpu_ratios), 3),
                 "limit": "n/a" if limit is None else round(limit, 3),
                 "temp_MB": round(memory[name][0], 1),
                 "peak_MB": round(memory[name][1], 1),
