@@ -318,6 +318,8 @@ def reptile(
       batch_per_step: how ``tasks`` feeds the inner loop. False (default):
         every leaf of ``tasks`` is ``[T, ...]`` and task t reuses its batch at
         all K steps; True: leaves are ``[T, K, ...]`` and step k uses batch k.
+        Reptile has no support/query split: for MAML-style ``(support,
+        query)`` tasks, concatenate the two along the example axis.
       reset_inner_state: True (default): every task of every outer step starts
         from ``inner.init(φ)``, the usual Reptile. False: one inner state is
         carried across outer steps; each task starts from it and the next one
