@@ -98,6 +98,7 @@ def grad_share(
     init_gate: float = 0.0,
     carry_into_eval: bool = True,
     eps: float = 1e-12,
+    axis_name: str | None = None,
 ) -> InnerRule:
     r"""Gradient sharing (Chang & Lipson): inner updates mixed with a shared running average.
 
@@ -137,6 +138,9 @@ def grad_share(
       carry_into_eval: whether `MetaLearner.adapt` starts from the stored average G (True)
         or from zero (False).
       eps: lower bound of the norms that normalization divides by.
+      axis_name: when the task batch is split over devices (``metagrad.maml(...,
+        axis_name=...)``), the same axis name: ḡ_k is then the mean over all tasks of all
+        devices (`jax.lax.pmean`) and G stays identical on every device.
 
     Returns:
       An `InnerRule` with ``inner_params`` a `GradShareParams` and ``carry`` a
@@ -189,6 +193,8 @@ def grad_share(
             gate = jax.nn.sigmoid(learned.gate[k])
         g = flat.ravel(grads, batch_dims=1)
         mean = _normalized_mean(flat, g, normalize, eps)
+        if axis_name is not None:
+            mean = jax.lax.pmean(mean, axis_name)
         average = flat.ravel(carry.average, batch_dims=0)
         average = (1 - rate) * average + rate * mean
         # The shared average G has no task axis: it broadcasts over the task batch.

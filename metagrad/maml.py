@@ -161,6 +161,7 @@ def maml(
     remat: bool = False,
     reset_inner_state: bool = True,
     alignment: bool = False,
+    axis_name: str | None = None,
 ) -> MetaLearner:
     r"""Model-agnostic meta-learning (MAML) as a jitted meta-step.
 
@@ -201,6 +202,11 @@ def maml(
         over tasks (a choice: tasks change every outer step), starts the next one.
       alignment: if True, `metrics["alignment"]` is the mean pairwise cosine similarity
         between the tasks' support gradients at the first inner step.
+      axis_name: for data parallelism over the task batch (`jax.pmap` / `shard_map` with
+        this axis name, each device holding a slice of the tasks): the meta-gradient, the
+        metrics and a kept inner state are averaged over the axis with `jax.lax.pmean`, so
+        every device applies the same update. An inner rule that averages over tasks
+        (`metagrad.grad_share`) takes the same ``axis_name``.
 
     Returns:
       A `MetaLearner`: ``init(params) -> MAMLState``; ``step(state, (support, query)) ->
@@ -294,6 +300,19 @@ def maml(
 
         diff = (state.params, state.inner_params)
         (_, (metrics, istate, carry)), grads = jax.value_and_grad(objective, has_aux=True)(diff)
+        if reset_inner_state:
+            istate = ()
+        else:
+            istate = _task_mean(istate)
+        if axis_name is not None:
+            grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+            # Integer leaves (step counters) are identical across devices already.
+            istate = jax.tree.map(
+                lambda x: (
+                    jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+                ),
+                istate,
+            )
         updates, outer_state = outer.update(grads, state.outer_state, diff)
         params, inner_params = optax.apply_updates(diff, updates)
         new_state = MAMLState(
@@ -301,7 +320,7 @@ def maml(
             inner_params=inner_params,
             outer_state=outer_state,
             carry=jax.lax.stop_gradient(carry),
-            inner_state=() if reset_inner_state else _task_mean(istate),
+            inner_state=istate,
             count=state.count + 1,
         )
         return new_state, metrics
