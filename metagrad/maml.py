@@ -194,9 +194,10 @@ def maml(
         learned inner-rule parameters still receive their first-order gradient.
       multi_step_loss: ``None`` (meta-loss at the last inner step only), an int N (MAML++
         schedule annealed over N outer steps) or a callable ``count -> weights[K]``.
-      remat: rematerialize each inner step in the backward pass (`jax.checkpoint`): memory
-        of second-order MAML no longer grows with activations times K, at the cost of
-        recomputing the forward pass.
+      remat: rematerialize each inner step in the backward pass (`jax.checkpoint`): the
+        backward pass of second-order MAML keeps only the per-step params (and rule state)
+        instead of every step's activations, at the cost of recomputing each inner step's
+        forward pass.
       reset_inner_state: if True (default) the inner optimizer state is fresh at every outer
         step; if False the state reached at the end of an outer step's inner loop, averaged
         over tasks (a choice: tasks change every outer step), starts the next one.
