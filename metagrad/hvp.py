@@ -46,6 +46,7 @@ def _eps(params: Any) -> float:
     return max(float(jnp.finfo(leaf.dtype).eps) for leaf in _float_leaves(params))
 
 
+@jax.jit  # module-level, so that eager callers compile it once per tree structure
 def _norm(tree: Any) -> jax.Array:
     """Euclidean norm of a tree, safe from overflow and underflow of the squares."""
     leaves = _float_leaves(tree)
