@@ -280,7 +280,7 @@ def train_step(model, optimizer, b1, b2):
 x = jax.random.normal(jax.random.key(1), (256, 4))
 y = jnp.sin(x.sum(axis=1, keepdims=True))
 batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
-for step in range(200):
+for step in range(100):
     b1, b2 = batches[(2 * step) % 8], batches[(2 * step + 1) % 8]
     loss = train_step(model, optimizer, b1, b2)
 """
