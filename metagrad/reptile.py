@@ -198,6 +198,7 @@ def reptile_outer(
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("reptile_outer requires params: call update(updates, state, params)")
+        _checks.same_structure("updates", updates, params)
         inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         count = state.count + 1
         sync = count >= inner_steps
@@ -295,6 +296,9 @@ def _check_stacked(name: str, tree: Any, sizes: tuple[int | None, ...], what: st
             raise ValueError(
                 f"{name} leaves must have leading axes {what}, got a leaf of shape {shape}"
             )
+    if sizes[0] is None and first == 0:
+        # An empty meta-batch would average over no tasks: NaN params, silently.
+        raise ValueError(f"{name} must hold at least one task, got a leading axis of size 0")
     return first
 
 
