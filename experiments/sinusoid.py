@@ -372,12 +372,12 @@ def _adapted_predictions(params, support, xs):
     """Predictions on `xs` before and after 1 and 10 SGD steps, for each task of `support`."""
 
     def one(sup):
-        preds, p = [mlp_apply(params, xs)[:, 0]], params
-        for s in range(1, max(EVAL_STEPS) + 1):
+        def body(p, _):
             p = jax.tree.map(lambda w, g: w - INNER_LR * g, p, jax.grad(mse_loss)(p, sup))
-            if s in (1, max(EVAL_STEPS)):
-                preds.append(mlp_apply(p, xs)[:, 0])
-        return jnp.stack(preds)
+            return p, mlp_apply(p, xs)[:, 0]
+
+        _, after = jax.lax.scan(body, params, None, length=max(EVAL_STEPS))
+        return jnp.stack([mlp_apply(params, xs)[:, 0], after[0], after[-1]])
 
     return jax.vmap(one)(support)
 
