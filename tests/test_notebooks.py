@@ -1,6 +1,6 @@
 """The notebooks in ``notebooks/``: their Colab scaffolding, and that they run top to bottom.
 
-Each notebook is executed in a fresh ``python3`` kernel (ipykernel) with
+Each notebook is executed in a fresh ipykernel kernel of the running interpreter with
 ``METAGRAD_NOTEBOOK_BUDGET=tiny``, which every notebook reads to shrink its training runs to a
 few steps; a cell that raises fails that notebook's test. The executed copies are discarded.
 (nbmake would collect the notebooks too, but only when pytest is given ``--nbmake``; the suite
@@ -10,8 +10,10 @@ does not use it.)
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
+import sys
 
 import pytest
 
@@ -25,6 +27,7 @@ COLAB_URL = "https://colab.research.google.com/github/metagrad/metagrad/blob/mai
 CELL_TIMEOUT = 300  # seconds; a cell takes a few seconds at the tiny budget on a quiet CPU
 # Kernels run concurrently, two at a time: most of their time is single-threaded compilation.
 _WORKERS = max(1, min(2, os.cpu_count() or 1))
+_KERNEL = "metagrad-notebook-tests"
 
 
 def _ids(path: pathlib.Path) -> str:
@@ -71,7 +74,7 @@ def _execute(paths: list[pathlib.Path]) -> dict[str, BaseException | None]:
             client = nbclient.NotebookClient(
                 nb,
                 timeout=CELL_TIMEOUT,
-                kernel_name="python3",
+                kernel_name=_KERNEL,
                 resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
             )
             try:
@@ -94,14 +97,26 @@ def _execute(paths: list[pathlib.Path]) -> dict[str, BaseException | None]:
 
 
 @pytest.fixture(scope="module")
-def executed(request):
+def executed(request, tmp_path_factory):
     # Only the notebooks whose test was selected (e.g. with -k) are executed.
     selected = [
         item.callspec.params["path"]
         for item in request.session.items
         if getattr(item, "originalname", None) == "test_notebook_executes"
     ]
+    # A kernel spec of our own, for this very interpreter: a "python3" spec elsewhere on the
+    # machine (e.g. in ~/.local/share/jupyter) could point to a Python without metagrad.
+    jupyter_dir = tmp_path_factory.mktemp("jupyter")
+    spec_dir = jupyter_dir / "kernels" / _KERNEL
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "metagrad tests",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
     with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JUPYTER_PATH", str(jupyter_dir))
         # The kernels are subprocesses and inherit this environment.
         patch.setenv("METAGRAD_NOTEBOOK_BUDGET", "tiny")
         patch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
