@@ -76,18 +76,50 @@ def _config(budget: str, args) -> Config:
     return cfg
 
 
-def _learner(method: str, lr: float, cfg: Config) -> mg.MetaLearner:
-    inner = optax.sgd(lr) if method == "maml" else mg.grad_share(lr)
-    return mg.maml(mse_loss, inner, cfg.inner_steps, optax.adam(OUTER_LR))
+def _learner(method: str, cfg: Config) -> mg.MetaLearner:
+    """MAML or MAML+grad_share with inner SGD whose learning rate is data, not a constant.
+
+    The inner rule is `mg.learned_lr` with one global rate that the outer optimizer leaves
+    untouched (`optax.set_to_zero` on it), i.e. plain inner SGD; keeping the rate in the
+    state lets one compiled function train every learning rate and seed at once (vmapped).
+    """
+    sgd = mg.learned_lr(BASE_LR, granularity="global")
+    inner = sgd if method == "maml" else mg.grad_share(sgd)
+
+    def labels(pair):
+        params, inner_params = pair
+        train = jax.tree.map(lambda _: "train", params)
+        if method == "maml":
+            return train, "frozen"
+        return train, mg.GradShareParams("train", "train", "frozen")
+
+    outer = optax.multi_transform(
+        {"train": optax.adam(OUTER_LR), "frozen": optax.set_to_zero()}, labels
+    )
+    return mg.maml(mse_loss, inner, cfg.inner_steps, outer)
 
 
-def _train(method, lr, cfg, seed, eval_set, progress):
-    """Meta-trains all seeds at once (vmapped); returns the evaluation curves [evals, seeds]."""
+def _set_lr(state, lr):
+    inner = state.inner_params
+    if isinstance(inner, mg.GradShareParams):
+        return state._replace(inner_params=inner._replace(inner=jnp.asarray(lr, inner.inner.dtype)))
+    return state._replace(inner_params=jnp.asarray(lr, inner.dtype))
+
+
+def _train(method, cfg, seed, eval_set, progress):
+    """Meta-trains all learning rates and seeds at once (vmapped).
+
+    Returns the evaluation curves ``[lr_factors, evals, seeds]`` and the training losses.
+    """
     from tqdm.auto import tqdm
 
-    learner = _learner(method, lr, cfg)
+    learner = _learner(method, cfg)
+    # The same seeds (initial weights, task stream) for every method and learning rate.
     init_keys, task_keys = jnp.split(jax.random.split(jax.random.PRNGKey(seed), 2 * cfg.seeds), 2)
-    states = jax.vmap(lambda k: learner.init(mlp_init_normal(k)))(init_keys)
+    lrs = BASE_LR * jnp.repeat(jnp.asarray(cfg.lr_factors, jnp.float32), cfg.seeds)
+    init_keys = jnp.tile(init_keys, (len(cfg.lr_factors), 1))
+    task_keys = jnp.tile(task_keys, (len(cfg.lr_factors), 1))
+    states = jax.vmap(lambda k, lr: _set_lr(learner.init(mlp_init_normal(k)), lr))(init_keys, lrs)
 
     support, query = eval_set
 
@@ -113,12 +145,15 @@ def _train(method, lr, cfg, seed, eval_set, progress):
         return jax.vmap(one)(states, keys)
 
     curve, train_losses = [], []
-    desc = f"grad_share {method} lr={lr:g}"
+    desc = f"grad_share {method}"
     for _ in tqdm(range(cfg.steps // cfg.eval_every), desc=desc, disable=not progress):
         states, task_keys, losses, evals = chunk(states, task_keys)
         train_losses.append(np.asarray(losses))
         curve.append(np.asarray(evals))
-    return np.stack(curve), np.concatenate(train_losses, axis=1)
+    shape = (len(cfg.lr_factors), cfg.seeds)
+    curve = np.stack(curve).reshape((-1,) + shape).transpose(1, 0, 2)
+    train_losses = np.concatenate(train_losses, axis=1).reshape(shape + (-1,))
+    return curve, train_losses
 
 
 def _smooth(curve: np.ndarray) -> np.ndarray:
@@ -182,11 +217,10 @@ def run(
     )
     steps = np.arange(cfg.eval_every, cfg.steps + 1, cfg.eval_every)
     curves, train = {}, {}
-    for factor in cfg.lr_factors:
-        for method in METHODS:
-            curves[(method, factor)], train[(method, factor)] = _train(
-                method, BASE_LR * factor, cfg, seed, (eval_support, eval_query), progress
-            )
+    for method in METHODS:
+        curve, losses = _train(method, cfg, seed, (eval_support, eval_query), progress)
+        for i, factor in enumerate(cfg.lr_factors):
+            curves[(method, factor)], train[(method, factor)] = curve[i], losses[i]
 
     # (a) acceleration at 1x: MAML's final level, reached by each method.
     base = cfg.lr_factors[0]
