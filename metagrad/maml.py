@@ -18,14 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from metagrad import _checks
-from metagrad._base import LossFn, MetaLearner, Params
+from metagrad._base import LossFn, MetaLearner, Params, keep_if_finite
 from metagrad._inner import InnerRule, as_inner_rule
 
 
@@ -80,7 +79,11 @@ def _check_tasks(tasks: Any) -> tuple[Any, Any, int]:
             f"tasks: support and query have different numbers of tasks "
             f"({sizes['support'].pop()} vs {sizes['query'].pop()})"
         )
-    return support, query, sizes["support"].pop()
+    num_tasks = sizes["support"].pop()
+    if num_tasks == 0:
+        # The meta-loss would be a mean over no tasks: NaN, silently.
+        raise ValueError("tasks must hold at least one task, got a leading (task) axis of size 0")
+    return support, query, num_tasks
 
 
 def _mean_pairwise_cosine(grads: Any) -> jax.Array:
@@ -237,6 +240,14 @@ def maml(
         raise TypeError(
             f"outer must be an optax GradientTransformation, got {type(outer).__name__}"
         )
+    for name, flag in [
+        ("first_order", first_order),
+        ("remat", remat),
+        ("reset_inner_state", reset_inner_state),
+        ("alignment", alignment),
+    ]:
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     if isinstance(multi_step_loss, bool) or not (
         multi_step_loss is None
         or callable(multi_step_loss)
@@ -279,7 +290,11 @@ def maml(
         istate0 = start_state(state, num_tasks)
         if step_query:
             weights = jax.lax.stop_gradient(jnp.asarray(weights_fn(state.count)))
-            chex.assert_shape(weights, (inner_steps,))
+            if weights.shape != (inner_steps,):
+                raise ValueError(
+                    f"multi_step_loss must return inner_steps = {inner_steps} weights, "
+                    f"got shape {weights.shape}"
+                )
 
         def objective(diff):
             params, inner_params = diff
@@ -320,8 +335,9 @@ def maml(
             params=params,
             inner_params=inner_params,
             outer_state=outer_state,
-            carry=jax.lax.stop_gradient(carry),
-            inner_state=istate,
+            # A non-finite task must not poison the state carried to later steps.
+            carry=keep_if_finite(jax.lax.stop_gradient(carry), state.carry),
+            inner_state=keep_if_finite(istate, state.inner_state),
             count=state.count + 1,
         )
         return new_state, metrics

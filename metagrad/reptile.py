@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from metagrad import _checks
-from metagrad._base import MetaLearner
+from metagrad._base import MetaLearner, keep_if_finite
 from metagrad.adapt import _check_inner, adapt, inner_loop, to_varying
 from metagrad.diagnostics import mean_pairwise_cosine
 
@@ -442,7 +442,12 @@ def reptile(
         }
         if task_grad_cosine:
             metrics["task_grad_cosine"] = mean_pairwise_cosine(first_grads)
-        new_inner_state = None if reset_inner_state else _mean_states(inner_states, axis_name)
+        new_inner_state = None
+        if not reset_inner_state:
+            # A non-finite task must not poison the state carried to later steps.
+            new_inner_state = keep_if_finite(
+                _mean_states(inner_states, axis_name), state.inner_state
+            )
         if axis_name is not None:
             metrics = jax.lax.pmean(metrics, axis_name)
         new_state = ReptileState(

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from metagrad import _checks
-from metagrad._base import MetaLearner
+from metagrad._base import MetaLearner, keep_if_finite
 from metagrad.adapt import _check_inner, adapt, inner_loop
 from metagrad.diagnostics import mean_pairwise_cosine, task_gradients
 from metagrad.reptile import ReptileState, _check_axis_name, _check_stacked, _outer_transform
@@ -187,7 +187,10 @@ def seq_reptile(
         new_state = ReptileState(
             params=new_phi,
             outer_state=outer_state,
-            inner_state=None if reset_inner_state else inner_state,
+            # A non-finite batch must not poison the state carried to later steps.
+            inner_state=None
+            if reset_inner_state
+            else keep_if_finite(inner_state, state.inner_state),
         )
         return new_state, metrics
 
