@@ -156,3 +156,33 @@ def test_meta_steps_guarded_by_apply_if_finite_outer(name):
         )
         assert unchanged == bad, (name, i)
     assert int(state.outer_state.total_notfinite) == len(BAD_STEPS)
+
+
+CARRIED = {
+    # State that persists across outer steps: gradient sharing's running average, or the
+    # inner optimizer state when it is not reset.
+    "grad_share": lambda outer: mg.maml(loss, mg.grad_share(0.1), 2, outer),
+    "maml_kept_inner_state": lambda outer: mg.maml(
+        loss, optax.sgd(0.1, momentum=0.9), 2, outer, reset_inner_state=False
+    ),
+    "reptile_kept_inner_state": lambda outer: mg.reptile(
+        loss, optax.adam(0.1), 2, outer, reset_inner_state=False
+    ),
+    "seq_reptile_kept_inner_state": lambda outer: mg.seq_reptile(
+        lambda p, b, t: loss(p, b), optax.adam(0.1), 4, outer, reset_inner_state=False
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CARRIED))
+def test_one_bad_step_does_not_poison_carried_state(name):
+    # More bad-free steps after the NaN than max_consecutive_errors: with a poisoned carry
+    # every later step would be non-finite and the guard would finally let NaN through.
+    learner = CARRIED[name](optax.apply_if_finite(optax.adam(1e-2), MAX_ERRORS))
+    kind = "reptile" if name.startswith("reptile") else "seq_reptile" if "seq" in name else "maml"
+    state = learner.init(init_params())
+    for i in range(2 + MAX_ERRORS + 2):
+        state, metrics = learner.step(state, _tasks_for(kind, i, np.nan if i == 1 else None))
+        assert all_finite(state), (name, i)
+        assert bool(jnp.isfinite(metrics["loss"])) == (i != 1), (name, i)
+    assert int(state.outer_state.total_notfinite) == 1
