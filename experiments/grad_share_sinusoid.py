@@ -16,6 +16,13 @@ evaluated on the same fixed held-out tasks: query MSE after its own K-step adapt
 evaluations); the speed-up is MAML's outer steps to reach it over MAML+grad_share's, both
 read on a 3-point trailing average of the evaluation curve (NaN if never reached).
 (b) Final evaluation losses at 1× and 10×.
+
+Measured (seed 0, 3 seeds, 2 CPU cores; mean ± standard error of the held-out MSE):
+10,000 outer steps (``--budget full --grad-share-steps 10000 --grad-share-seeds 3``):
+1× MAML 0.49 ± 0.07, MAML+grad_share 0.37 ± 0.04; 10× MAML 2.73 ± 0.55, MAML+grad_share
+1.02 ± 0.32. Speed-up to MAML's final level: 1.67× and 1.11× on two seeds, not reached on
+the third (mean 1.39×, far from robust). The quick budget (1,500 steps) is too short for
+the speed-up claim (MAML is still improving fast); its 10× gap (3.56 vs 2.48) already shows.
 """
 
 from __future__ import annotations
