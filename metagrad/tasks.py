@@ -144,6 +144,14 @@ def sample_tasks(key: chex.PRNGKey, probs: Any, num: int, *, replace: bool = Tru
 def uniform_tasks(key: chex.PRNGKey, num_tasks: int, num: int) -> jax.Array:
     """Draws ``num`` task indices uniformly from ``range(num_tasks)`` (int32, i.i.d.).
 
+    Args:
+      key: a PRNG key.
+      num_tasks: T >= 1, the number of tasks.
+      num: how many indices to draw (static, >= 1).
+
+    Returns:
+      int32 array of shape ``[num]`` with values in ``[0, num_tasks)``.
+
     Example:
       >>> import jax
       >>> import metagrad as mg
@@ -192,6 +200,15 @@ def mixed_probs(
     With ``ratio = (a, b)`` and T tasks: the target gets b/(a+b), each auxiliary
     task a/((a+b)(T−1)) (or, with ``include_target``, the target also gets its
     uniform share a/((a+b)T)).
+
+    Args:
+      num_tasks: T >= 2.
+      target: the target task's index in ``[0, T)``.
+      ratio: ``(a, b)`` auxiliary : target draws per epoch, or an int r for r:1.
+      include_target: whether the uniform phase also draws the target.
+
+    Returns:
+      float32 array of shape ``[num_tasks]`` summing to one.
 
     Example:
       >>> import metagrad as mg
