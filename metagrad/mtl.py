@@ -17,6 +17,11 @@ Both surgeries act on linear combinations of the original task gradients, so the
 in the T×T space of the Gram matrix ``G_ij = <g_i, g_j>``: each surgered gradient is
 ``g_i' = sum_j C_ij g_j`` and the output is ``sum_j (sum_i C_ij) g_j``. The parameter-sized work
 is one Gram matrix and one weighted sum per leaf, whatever the number of projections.
+
+Non-finite task gradients are not filtered: they propagate into the combined gradient (and, for
+GradVac and GradNorm, into the state). Chain ``optax.apply_if_finite`` around the whole chain,
+``optax.apply_if_finite(optax.chain(mg.pcgrad(), optax.adam(lr)), n)``, to skip such steps with
+the state left unchanged.
 """
 
 from __future__ import annotations

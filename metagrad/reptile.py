@@ -121,6 +121,12 @@ def reptile_outer(
     transformation as for any optimizer; the outer update is deterministic, so
     replicas stay identical.
 
+    Non-finite values are not filtered: a NaN or inf gradient reaches the
+    inner params and, at the next outer update, φ. Guard with
+    ``optax.apply_if_finite(inner, max_consecutive_errors)`` as ``inner`` (the
+    bad inner step is skipped) or around the whole wrapper (the bad call is
+    skipped and the inner-step count does not advance).
+
     Args:
       inner: the inner optimizer, any optax transformation (extra keyword
         arguments given to ``update`` are forwarded to it).
@@ -354,6 +360,11 @@ def reptile(
         φ (equal to the single-device step when devices hold equal numbers of
         tasks). ``task_grad_cosine`` then covers each device's own tasks only.
         Under plain `jax.jit` with sharded inputs no axis name is needed.
+
+    A non-finite task loss makes the meta-gradient non-finite; pass
+    ``outer=optax.apply_if_finite(opt, max_consecutive_errors)`` to skip such
+    outer steps. A carried inner state keeps its previous value when its
+    update is non-finite, so one bad task does not poison later steps.
 
     Returns:
       A `MetaLearner`: ``init(params) -> ReptileState``;

@@ -84,6 +84,11 @@ def seq_reptile(
         `jax.lax.pmean` (equal to the single-device step when ``loss_fn`` is a
         mean over equally sized shards). The trajectory itself is sequential.
 
+    A non-finite batch loss makes the meta-gradient non-finite; pass
+    ``outer=optax.apply_if_finite(opt, max_consecutive_errors)`` to skip such
+    outer steps. A carried inner state keeps its previous value when its
+    update is non-finite.
+
     Returns:
       A `MetaLearner`: ``init(params) -> ReptileState``;
       ``step(state, tasks) -> (state, metrics)``, jitted, with metrics
