@@ -13,12 +13,15 @@ batches b1, b2:
 - ``dotprod central``: the central difference (four gradient evaluations, limit 2).
 
 Timing: each variant runs blocks of ``--dotprod-steps`` steps (a multiple of 10, so every
-block holds the same share of regularized steps), timed with ``block_until_ready``, after
-a warm-up. The variants are interleaved in rounds whose order rotates, the ratio to
-``plain`` is taken within each round and the median over rounds is reported, so slow
-drifts of machine load affect numerator and denominator alike. The same ratios are also
-reported in process CPU time (all threads), which other processes on a busy machine
-disturb much less than wall-clock time. Memory: the temporary
+block holds the same share of regularized steps: with the warm-up of 10 steps, a block of 10
+holds exactly one regularized every=10 step), timed with ``block_until_ready``, after a
+warm-up. Each round times every dotprod variant once, in a rotating order, and times
+``plain`` before the first variant and after each one (P V1 P V2 P ...); a variant's ratio in
+that round is its time over the mean of the two ``plain`` blocks around it, so that the load
+of other processes, which drifts on the scale of seconds, affects numerator and denominator
+alike. The median over rounds is reported, with the spread (min-max) of the per-round
+ratios. The same ratios are also reported in process CPU time (all threads), which other
+processes on a busy machine disturb much less than wall-clock time. Memory: the temporary
 buffers and the estimated peak (arguments + outputs + temporaries - donated aliases) of
 each compiled step, from XLA's ``memory_analysis()``.
 
@@ -45,9 +48,9 @@ def add_arguments(parser):
     group = parser.add_argument_group("dotprod")
     group.add_argument("--dotprod-batch", type=int, default=256, help="examples per batch")
     group.add_argument(
-        "--dotprod-steps", type=int, default=20, help="steps per timed block (multiple of 10)"
+        "--dotprod-steps", type=int, default=10, help="steps per timed block (multiple of 10)"
     )
-    group.add_argument("--dotprod-rounds", type=int, default=5, help="interleaved rounds")
+    group.add_argument("--dotprod-rounds", type=int, default=11, help="interleaved rounds")
 
 
 def _loss(params, batch):
@@ -108,8 +111,8 @@ def _memory(step, params, opt_state, b1, b2):
 
 def run(args) -> list[dict]:
     batch = getattr(args, "dotprod_batch", 256)
-    steps = getattr(args, "dotprod_steps", 20)
-    rounds = getattr(args, "dotprod_rounds", 5)
+    steps = getattr(args, "dotprod_steps", 10)
+    rounds = getattr(args, "dotprod_rounds", 11)
     if steps % 10:
         raise ValueError(f"--dotprod-steps must be a multiple of 10, got {steps}")
 
@@ -131,26 +134,41 @@ def run(args) -> list[dict]:
         jax.block_until_ready(params)
         states[name], steps_fn[name], limits[name] = (params, opt_state), step, limit
 
-    names = list(states)
-    times = {name: [] for name in names}
-    cpu_times = {name: [] for name in names}
+    def timed_block(name):
+        params, opt_state = states[name]
+        step = steps_fn[name]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            params, opt_state = step(params, opt_state, b1, b2)
+        jax.block_until_ready((params, opt_state))
+        states[name] = (params, opt_state)
+        return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
+
+    names = [name for name in states if name != "plain"]
+    times = {name: [] for name in states}
+    cpu_times = {name: [] for name in states}
+    ratios = {name: [] for name in names}
+    cpu_ratios = {name: [] for name in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
+        before, cpu_before = timed_block("plain")
+        times["plain"].append(before)
+        cpu_times["plain"].append(cpu_before)
         for name in order:
-            params, opt_state = states[name]
-            step = steps_fn[name]
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for _ in range(steps):
-                params, opt_state = step(params, opt_state, b1, b2)
-            jax.block_until_ready((params, opt_state))
-            times[name].append((time.perf_counter() - start) / steps)
-            cpu_times[name].append((time.process_time() - cpu_start) / steps)
-            states[name] = (params, opt_state)
+            t, cpu = timed_block(name)
+            after, cpu_after = timed_block("plain")
+            times[name].append(t)
+            cpu_times[name].append(cpu)
+            times["plain"].append(after)
+            cpu_times["plain"].append(cpu_after)
+            ratios[name].append(2 * t / (before + after))
+            cpu_ratios[name].append(2 * cpu / (cpu_before + cpu_after))
+            before, cpu_before = after, cpu_after
+    ratios["plain"] = [1.0]
+    cpu_ratios["plain"] = [1.0]
 
     rows = []
-    for name in names:
-        ratios = [t / p for t, p in zip(times[name], times["plain"], strict=True)]
-        cpu_ratios = [t / p for t, p in zip(cpu_times[name], cpu_times["plain"], strict=True)]
+    for name in states:
         limit = limits[name]
         rows.append(
             {
@@ -159,10 +177,10 @@ def run(args) -> list[dict]:
                 "params": n_params,
                 "batch": batch,
                 "ms_per_step": round(1e3 * statistics.median(times[name]), 2),
-                "ratio_to_plain": round(statistics.median(ratios), 3),
-                "ratio_min_max": f"{min(ratios):.3f}-{max(ratios):.3f}",
+                "ratio_to_plain": round(statistics.median(ratios[name]), 3),
+                "ratio_min_max": f"{min(ratios[name]):.3f}-{max(ratios[name]):.3f}",
                 "cpu_ms_per_step": round(1e3 * statistics.median(cpu_times[name]), 2),
-                "cpu_ratio_to_plain": round(statistics.median(cpu_ratios), 3),
+                "cpu_ratio_to_plain": round(statistics.median(cpu_ratios[name]), 3),
                 "limit": "n/a" if limit is None else round(limit, 3),
                 "temp_MB": round(memory[name][0], 1),
                 "peak_MB": round(memory[name][1], 1),
