@@ -17,6 +17,10 @@ import sys
 
 import pytest
 
+# Under pytest-xdist (--dist loadgroup) every test of this module runs on one worker, so the
+# module fixture executes each notebook once.
+pytestmark = pytest.mark.xdist_group("notebooks")
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
