@@ -52,12 +52,18 @@ class InnerRule(NamedTuple):
         differentiable in ``inner_params`` and (for second order) in ``grads``/``params``.
       eval_carry: optional ``eval_carry(carry) -> carry``, the carry used when adapting to
         a new task at meta-test time (`MetaLearner.adapt`); identity when ``None``.
+      loop_carry: optional ``loop_carry(carry) -> (loop_carry, restore)``, the form of the
+        carry that ``update`` receives and returns inside the inner loop, and the function
+        mapping it back (as `jax.flatten_util.ravel_pytree` does). A rule whose arithmetic
+        runs on one flat vector uses it so the inner loop does not split and concatenate the
+        carry at every step. ``None``: the carry as it is.
     """
 
     init: Callable[[Params, int], tuple[Any, Any]]
     init_state: Callable[[Params], Any]
     update: Callable[..., tuple[Any, Any, Any]]
     eval_carry: Callable[[Any], Any] | None = None
+    loop_carry: Callable[[Any], tuple[Any, Callable[[Any], Any]]] | None = None
 
 
 def as_inner_rule(inner: Any, name: str = "inner") -> InnerRule:

@@ -125,6 +125,11 @@ def grad_share(
     meta-test time, and G being carried into meta-test adaptation (where it is updated with
     the test task's own gradients, without touching the stored average).
 
+    Non-finite values: one task with an inf or NaN loss makes the meta-gradient non-finite
+    (wrap the outer optimizer in ``optax.apply_if_finite(opt, max_consecutive_errors)`` to
+    skip such steps), and G keeps its previous value in any outer step whose new G is not
+    finite, so a skipped step leaves the average untouched.
+
     Args:
       inner: what turns Δ into an update: a float α (SGD with learning rate α, the paper's
         setting), any optax transformation (applied per task), or an `InnerRule` such as
@@ -195,18 +200,32 @@ def grad_share(
         mean = _normalized_mean(flat, g, normalize, eps)
         if axis_name is not None:
             mean = jax.lax.pmean(mean, axis_name)
-        average = flat.ravel(carry.average, batch_dims=0)
-        average = (1 - rate) * average + rate * mean
+        # Inside the inner loop G is the flat vector of `loop_carry`.
+        average = (1 - rate) * carry.average + rate * mean
         # The shared average G has no task axis: it broadcasts over the task batch.
         delta = flat.unravel((1 - gate) * g + gate * average)
         updates, state, inner_carry = base.update(
             delta, state, params, learned.inner, carry.inner, step
         )
-        return updates, state, GradShareCarry(flat.unravel(average), inner_carry)
+        return updates, state, GradShareCarry(average, inner_carry)
+
+    def loop_carry(carry):
+        # G stays one flat vector for the whole inner loop: unravelling and ravelling it at
+        # every step would cost one operation per leaf, forward and backward.
+        flat = _Flat.of(carry.average, batch_dims=0)
+        if base.loop_carry is None:
+            inner, restore_inner = carry.inner, lambda c: c
+        else:
+            inner, restore_inner = base.loop_carry(carry.inner)
+
+        def restore(c):
+            return GradShareCarry(flat.unravel(c.average), restore_inner(c.inner))
+
+        return GradShareCarry(flat.ravel(carry.average, batch_dims=0), inner), restore
 
     def eval_carry(carry):
         inner_carry = base.eval_carry(carry.inner) if base.eval_carry else carry.inner
         average = carry.average if carry_into_eval else optax.tree.zeros_like(carry.average)
         return GradShareCarry(average, inner_carry)
 
-    return InnerRule(init, base.init_state, update, eval_carry)
+    return InnerRule(init, base.init_state, update, eval_carry, loop_carry)

@@ -163,6 +163,15 @@ def _broadcast(tree: Any, num_tasks: int) -> Any:
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_tasks,) + jnp.shape(x)), tree)
 
 
+def _keep_carry_if_finite(new: Any, restore: Callable[[Any], Any], old: Any) -> Any:
+    """`keep_if_finite(restore(new), old)`, with the finiteness test run on `new`."""
+    floats = [x for x in jax.tree.leaves(new) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not floats:
+        return restore(new)
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), restore(new), old)
+
+
 def _task_mean(tree: Any) -> Any:
     # Inner optimizer state kept across outer steps: floats are averaged over the task batch,
     # integers (step counters, identical across tasks) are taken from the first task.
@@ -204,6 +213,11 @@ def maml(
     The outer optimizer sees the pair ``(params, inner_params)``, so learned inner-rule
     parameters are trained with the initialization (use `optax.multi_transform` on that pair
     for separate optimizers).
+
+    Non-finite values: a task loss that is inf or NaN makes the meta-gradient non-finite;
+    ``outer=optax.apply_if_finite(opt, max_consecutive_errors)`` skips such outer steps.
+    State carried across outer steps (the rule's carry, a kept inner state) keeps its
+    previous value whenever its new value is not finite.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
@@ -286,6 +300,10 @@ def maml(
     step_query = weights_fn is not None
     eval_carry = rule.eval_carry or (lambda c: c)
 
+    def loop_carry(carry):
+        # The carry in the form the rule's update works on inside the inner loop.
+        return rule.loop_carry(carry) if rule.loop_carry else (carry, lambda c: c)
+
     def init(params):
         inner_params, carry = rule.init(params, inner_steps)
         inner_state = () if reset_inner_state else rule.init_state(params)
@@ -305,7 +323,7 @@ def maml(
 
     def step(state, tasks):
         support, query, num_tasks = _check_tasks(tasks)
-        carry0 = jax.lax.stop_gradient(state.carry)
+        carry0, restore_carry = loop_carry(jax.lax.stop_gradient(state.carry))
         istate0 = start_state(state, num_tasks)
         if step_query:
             weights = jax.lax.stop_gradient(jnp.asarray(weights_fn(state.count)))
@@ -354,8 +372,9 @@ def maml(
             params=params,
             inner_params=inner_params,
             outer_state=outer_state,
-            # A non-finite task must not poison the state carried to later steps.
-            carry=keep_if_finite(jax.lax.stop_gradient(carry), state.carry),
+            # A non-finite task must not poison the state carried to later steps. The check
+            # runs on the loop form of the carry (one flat vector for grad_share), same values.
+            carry=_keep_carry_if_finite(jax.lax.stop_gradient(carry), restore_carry, state.carry),
             inner_state=keep_if_finite(istate, state.inner_state),
             count=state.count + 1,
         )
@@ -364,8 +383,9 @@ def maml(
     def adapt_fn(state, support, num_steps):
         support = jax.tree.map(lambda x: jnp.asarray(x)[None], support)
         istate = start_state(state, 1)
+        carry, _ = loop_carry(eval_carry(state.carry))
         params_t, *_ = _inner_loop(
-            loss_fn, rule, state.params, state.inner_params, eval_carry(state.carry), istate,
+            loss_fn, rule, state.params, state.inner_params, carry, istate,
             support, None, num_steps, first_order=True, remat=False, step_query=False,
             alignment=False,
         )  # fmt: skip
@@ -391,6 +411,9 @@ def fomaml(
 
     The meta-gradient is ``mean_t ∇L_t^q(θ_t)``, the query gradient at the adapted params,
     with the inner gradients treated as constants (no Hessian terms).
+    Learned inner-rule parameters (Meta-SGD rates, grad_share's m_k and λ_k) still need a
+    backward pass through the inner loop, but only through the rule's arithmetic: the inner
+    gradients are constants there. Non-finite values are handled as in `maml`.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
