@@ -77,7 +77,7 @@ def same_structure(name: str, tree: Any, reference: Any, reference_name: str = "
             f"got {tdef}, expected {rdef}"
         )
     for path_leaf, ref_leaf in zip(
-        jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(reference)
+        jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(reference), strict=True
     ):
         path, leaf = path_leaf
         if np.shape(leaf) != np.shape(ref_leaf):
@@ -86,3 +86,16 @@ def same_structure(name: str, tree: Any, reference: Any, reference_name: str = "
                 f"{jax.tree_util.keystr(path)} got shape {np.shape(leaf)}, "
                 f"expected {np.shape(ref_leaf)}"
             )
+
+
+def boolean(name: str, value: Any) -> bool:
+    """Returns `value` after checking it is a Python or NumPy bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def booleans(**flags: Any) -> None:
+    """Checks every keyword argument with `boolean`, naming the first that fails."""
+    for name, value in flags.items():
+        boolean(name, value)

@@ -280,8 +280,7 @@ def pcgrad(
     key0 = _key_from_seed(seed)
     _check_reduction(reduction)
     _checks.one_of("granularity", granularity, _GRANULARITIES)
-    if not isinstance(shuffle, bool):
-        raise TypeError(f"shuffle must be a bool, got {shuffle!r}")
+    _checks.boolean("shuffle", shuffle)
 
     def init_fn(params):
         del params
@@ -403,8 +402,7 @@ def gradvac(
     key0 = _key_from_seed(seed)
     _check_reduction(reduction)
     _checks.one_of("granularity", granularity, _GRANULARITIES)
-    if not isinstance(shuffle, bool):
-        raise TypeError(f"shuffle must be a bool, got {shuffle!r}")
+    _checks.boolean("shuffle", shuffle)
 
     def init_fn(params):
         groups = 1 if granularity == "global" else len(jax.tree.leaves(params))

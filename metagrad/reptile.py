@@ -182,8 +182,7 @@ def reptile_outer(
             raise ValueError(f"inner_steps must be an integer >= 1, got {int(inner_steps)}")
     else:
         inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    if not isinstance(reset_inner_state, bool):
-        raise TypeError(f"reset_inner_state must be a bool, got {reset_inner_state!r}")
+    _checks.boolean("reset_inner_state", reset_inner_state)
     # η = 1 exactly: φ_new = θ_K with no rounding, so the wrapper reduces to
     # the inner optimizer bit for bit.
     exact_copy = isinstance(outer_lr, (int, float)) and not isinstance(outer_lr, bool)
@@ -400,13 +399,11 @@ def reptile(
     _check_inner(inner)
     inner_steps = _checks.positive_int("inner_steps", inner_steps)
     outer_tx = _outer_transform(outer, "outer")
-    for name, flag in [
-        ("batch_per_step", batch_per_step),
-        ("reset_inner_state", reset_inner_state),
-        ("task_grad_cosine", task_grad_cosine),
-    ]:
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    _checks.booleans(
+        batch_per_step=batch_per_step,
+        reset_inner_state=reset_inner_state,
+        task_grad_cosine=task_grad_cosine,
+    )
     _check_axis_name(axis_name)
 
     def init_fn(params):

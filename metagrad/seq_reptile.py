@@ -123,13 +123,11 @@ def seq_reptile(
     _check_inner(inner)
     inner_steps = _checks.positive_int("inner_steps", inner_steps)
     outer_tx = _outer_transform(outer, "outer")
-    for name, flag in [
-        ("reset_inner_state", reset_inner_state),
-        ("pass_task_id", pass_task_id),
-        ("task_grad_cosine", task_grad_cosine),
-    ]:
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    _checks.booleans(
+        reset_inner_state=reset_inner_state,
+        pass_task_id=pass_task_id,
+        task_grad_cosine=task_grad_cosine,
+    )
     _check_axis_name(axis_name)
 
     def tagged_loss(params, tagged):
