@@ -16,9 +16,10 @@ norms and mean, the average and the interpolation, plus the residuals kept for t
 (the task gradients, G, σ(m_k), σ(λ_k)); first order it adds a backward scan over the inner steps
 for m_k and λ_k (only through the rule's arithmetic: the task gradients are constants there);
 after the loop, the finiteness guard of the carried G and Adam on two more leaves. Keeping G flat
-through the whole inner loop (`InnerRule.loop_carry`) took the kernel count weighted by scan
-trips from 430 to 368 first order (plain FOMAML: 159) and from 764 to 702 second order (plain
-MAML: 400). The 1.15 target is not met at this size.
+through the whole inner loop (`InnerRule.loop_carry`) and taking the sigmoids of all K logits
+before indexing (so the backward pass does not stack them per step) took the kernel count,
+weighted by scan trips, from 430 to 352 first order (plain FOMAML: 159) and from 764 to 686
+second order (plain MAML: 400). The 1.15 target is not met at this size.
 """
 
 from __future__ import annotations

@@ -194,8 +194,10 @@ def grad_share(
             rate = flat.per_entry(jax.nn.sigmoid(per_leaf(learned.momentum)))
             gate = flat.per_entry(jax.nn.sigmoid(per_leaf(learned.gate)))
         else:
-            rate = jax.nn.sigmoid(learned.momentum[k])
-            gate = jax.nn.sigmoid(learned.gate[k])
+            # Sigmoid of all K logits, then index: the sigmoids do not depend on the step, so
+            # the backward pass keeps them once instead of stacking them step by step.
+            rate = jax.nn.sigmoid(learned.momentum)[k]
+            gate = jax.nn.sigmoid(learned.gate)[k]
         g = flat.ravel(grads, batch_dims=1)
         mean = _normalized_mean(flat, g, normalize, eps)
         if axis_name is not None:
