@@ -164,9 +164,9 @@ def _accuracy(params, x, y):
 def _make_round(name: str, cfg: Config):
     """(init(params) -> opt_state, round(params, opt_state, b1, b2) -> (params, opt_state))."""
     grad = jax.grad(_loss)
-    if name == "plain":
-        tx = optax.adam(LR)
 
+    def two_steps(tx):
+        # One optimizer step per batch: the round of the methods that see one batch at a time.
         def round_fn(params, opt_state, b1, b2):
             for b in (b1, b2):
                 updates, opt_state = tx.update(grad(params, b), opt_state, params)
@@ -174,6 +174,9 @@ def _make_round(name: str, cfg: Config):
             return params, opt_state
 
         return tx.init, round_fn
+
+    if name == "plain":
+        return two_steps(optax.adam(LR))
     if name == "dotprod":
         tx = optax.chain(runner.require("dotprod")(weight=cfg.dotprod_weight), optax.adam(LR))
 
@@ -185,15 +188,8 @@ def _make_round(name: str, cfg: Config):
 
         return tx.init, round_fn
     if name == "reptile":
-        tx = runner.require("reptile_outer")(optax.adam(LR), cfg.reptile_k, cfg.reptile_outer_lr)
-
-        def round_fn(params, opt_state, b1, b2):
-            for b in (b1, b2):
-                updates, opt_state = tx.update(grad(params, b), opt_state, params)
-                params = optax.apply_updates(params, updates)
-            return params, opt_state
-
-        return tx.init, round_fn
+        reptile_outer = runner.require("reptile_outer")
+        return two_steps(reptile_outer(optax.adam(LR), cfg.reptile_k, cfg.reptile_outer_lr))
     if name == "fomaml":
         learner = runner.require("fomaml")(_loss, optax.sgd(cfg.fomaml_inner_lr), 1, optax.adam(LR))
 
