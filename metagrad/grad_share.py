@@ -35,11 +35,6 @@ class GradShareCarry(NamedTuple):
     inner: Any  # carry of the wrapped inner rule
 
 
-def _safe_norm(sq: jax.Array) -> jax.Array:
-    # sqrt with a finite derivative at 0 (second-order MAML differentiates through it).
-    return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
-
-
 class _Flat(NamedTuple):
     """Views a params-like pytree as one flat vector (per task).
 
@@ -78,15 +73,27 @@ class _Flat(NamedTuple):
         return per_leaf @ self.layers.T
 
 
+def _inverse_norm(sq: jax.Array, eps: float) -> jax.Array:
+    """``1 / max(sqrt(sq), eps)`` with finite derivatives everywhere, ``sq = 0`` included.
+
+    The branch that is not taken sees a safe argument (the double-``where`` idiom), so its
+    derivative never turns into ``inf · 0``: second-order MAML differentiates through here.
+    """
+    info = jnp.finfo(sq.dtype)
+    above = sq > eps * eps  # eps² may underflow to 0: then only exact zeros take the bound
+    inverse = jax.lax.rsqrt(jnp.where(above, sq, 1.0))
+    return jnp.where(above, inverse, min(1.0 / eps, float(info.max)))
+
+
 def _normalized_mean(flat: _Flat, grads: jax.Array, normalize: str, eps: float) -> jax.Array:
     """Mean over the task axis of the (normalized) task gradients ``grads`` [tasks, P]."""
     if normalize == "none":
         return jnp.mean(grads, axis=0)
     if normalize == "task":
-        norm = _safe_norm(jnp.sum(grads * grads, axis=1))[:, None]
+        scale = _inverse_norm(jnp.sum(grads * grads, axis=1), eps)[:, None]
     else:  # "layer": each leaf of each task gradient to unit norm
-        norm = flat.per_entry(_safe_norm((grads * grads) @ flat.layers))
-    return jnp.mean(grads / jnp.maximum(norm, eps), axis=0)
+        scale = flat.per_entry(_inverse_norm((grads * grads) @ flat.layers, eps))
+    return jnp.mean(grads * scale, axis=0)
 
 
 def grad_share(

@@ -191,6 +191,29 @@ def test_meta_gradient_matches_finite_differences(x64, first_order, num_tasks, p
             np.testing.assert_allclose(got, fd, rtol=1e-5)
 
 
+@pytest.mark.parametrize("normalize", ["task", "layer"])
+@pytest.mark.parametrize("eps", [1e-12, 1e-30])
+def test_zero_task_gradient_normalizes_to_zero_not_nan(normalize, eps):
+    # At θ = 0 the gradient is −b: task 0 gets b = 0 (an exactly zero gradient), task 1 a
+    # zero "u" leaf. In float32 1e-30 ** 2 underflows; the norm's bound must still hold.
+    rng = np.random.default_rng(3)
+    support, query = make_tasks(rng, 2)
+    params = {"u": jnp.zeros(2, jnp.float32), "v": jnp.zeros(DIM - 2, jnp.float32)}
+    a, b = (np.array(x, np.float32) for x in support)
+    b[0] = 0.0
+    b[1][:2] = 0.0
+    support = (jnp.asarray(a), jnp.asarray(b))
+    rule = mg.grad_share(ALPHA, normalize=normalize, eps=eps)
+    learner = mg.maml(loss_fn, rule, 1, optax.sgd(0.1))
+    state, metrics = learner.step(learner.init(params), (support, query))
+    for leaf in jax.tree.leaves((state, metrics)):
+        assert np.all(np.isfinite(leaf))
+    # Both normalizations: G = σ(0) · (0 + (0, g_v / ‖g_v‖)) / 2 tasks.
+    g_v = -b[1][2:]
+    np.testing.assert_array_equal(state.carry.average["u"], 0.0)
+    np.testing.assert_allclose(state.carry.average["v"], 0.25 * g_v / np.linalg.norm(g_v), rtol=1e-5)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="normalize"):
         mg.grad_share(0.1, normalize="batch")
