@@ -88,9 +88,9 @@ def _inverse_norm(sq: jax.Array, eps: float) -> jax.Array:
 def _normalized_mean(flat: _Flat, grads: jax.Array, normalize: str, eps: float) -> jax.Array:
     """Mean over the task axis of the (normalized) task gradients ``grads`` [tasks, P].
 
-    The mean is a vector-matrix product with the per-task weights (scale / tasks): on CPU a
-    reduction over the leading axis costs several times more than the same product, and
-    the product folds the per-task normalization in.
+    The mean is a vector-matrix product with the per-task weights (scale / tasks), which
+    folds the per-task normalization in (on CPU, XLA's reduction over the leading axis is
+    also slower than the product).
     """
     num_tasks = grads.shape[0]
     if normalize == "task":
