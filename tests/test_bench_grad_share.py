@@ -1,0 +1,52 @@
+"""The grad_share benchmark's ablated rules compute what their rows claim to time."""
+
+import argparse
+
+import jax
+import numpy as np
+import optax
+
+import metagrad as mg
+from experiments import bench_grad_share as bench
+from experiments.data import sinusoid_tasks
+from experiments.models import mlp_init, mse_loss
+
+
+def _step(inner):
+    learner = mg.maml(mse_loss, inner, 3, optax.sgd(0.1))
+    tasks = sinusoid_tasks(jax.random.PRNGKey(1), 4, 5, 5)[:2]
+    return learner.step(learner.init(mlp_init(jax.random.PRNGKey(0))), tasks)
+
+
+def test_ravel_only_is_plain_sgd():
+    (got, _), (want, _) = _step(bench._ravel_only(0.01)), _step(optax.sgd(0.01))
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_frozen_rule_keeps_its_parameters_and_learned_one_moves():
+    frozen, _ = _step(bench._frozen(mg.grad_share(0.01)))
+    learned, _ = _step(mg.grad_share(0.01))
+    np.testing.assert_array_equal(frozen.inner_params.gate, 0.0)
+    np.testing.assert_array_equal(frozen.inner_params.momentum, 0.0)
+    assert np.all(np.asarray(learned.inner_params.gate) != 0.0)
+    # Frozen or not, the forward arithmetic is the same: the same running average G.
+    for a, b in zip(jax.tree.leaves(frozen.carry), jax.tree.leaves(learned.carry), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_conv4_section_rows(monkeypatch):
+    # The Conv-4 rows on a shrunken episode (the full one takes minutes to compile).
+    monkeypatch.setattr(bench, "IMAGE", 8)
+    monkeypatch.setattr(bench, "CHANNELS", 4)
+    monkeypatch.setattr(bench, "QUERIES", 1)
+    monkeypatch.setattr(bench, "CONV_TASKS", 2)
+    args = argparse.Namespace(
+        grad_share_models=["conv4"], grad_share_conv_iters=1, grad_share_conv_rounds=1
+    )
+    rows = bench.run(args)
+    assert [(r["method"], r["variant"]) for r in rows] == [
+        ("maml", "grad_share"),
+        ("fomaml", "grad_share"),
+    ]
+    assert all(r["ratio"] > 0 and r["task_batch"] == 2 for r in rows)
