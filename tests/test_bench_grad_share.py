@@ -41,6 +41,7 @@ def test_conv4_section_rows(monkeypatch):
     monkeypatch.setattr(bench, "CHANNELS", 4)
     monkeypatch.setattr(bench, "QUERIES", 1)
     monkeypatch.setattr(bench, "CONV_TASKS", 2)
+    monkeypatch.setattr(bench, "INNER_STEPS", 1)
     args = argparse.Namespace(
         grad_share_models=["conv4"], grad_share_conv_iters=1, grad_share_conv_rounds=1
     )
