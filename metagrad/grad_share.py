@@ -35,6 +35,11 @@ class GradShareCarry(NamedTuple):
     inner: Any  # carry of the wrapped inner rule
 
 
+# The one-hot matmuls below only sum or spread values: at the default precision a TPU would
+# round them to bfloat16.
+_EXACT = jax.lax.Precision.HIGHEST
+
+
 class _Flat(NamedTuple):
     """Views a params-like pytree as one flat vector (per task).
 
@@ -70,7 +75,7 @@ class _Flat(NamedTuple):
 
     def per_entry(self, per_leaf: jax.Array) -> jax.Array:
         """Spreads per-leaf values ``[..., num_leaves]`` over the entries, ``[..., P]``."""
-        return per_leaf @ self.layers.T
+        return jnp.matmul(per_leaf, self.layers.T, precision=_EXACT)
 
 
 def _inverse_norm(sq: jax.Array, eps: float) -> jax.Array:
@@ -86,19 +91,13 @@ def _inverse_norm(sq: jax.Array, eps: float) -> jax.Array:
 
 
 def _normalized_mean(flat: _Flat, grads: jax.Array, normalize: str, eps: float) -> jax.Array:
-    """Mean over the task axis of the (normalized) task gradients ``grads`` [tasks, P].
-
-    The mean is a vector-matrix product with the per-task weights (scale / tasks), which
-    folds the per-task normalization in (on CPU, XLA's reduction over the leading axis is
-    also slower than the product).
-    """
-    num_tasks = grads.shape[0]
+    """Mean over the task axis of the (normalized) task gradients ``grads`` [tasks, P]."""
     if normalize == "task":
-        weights = _inverse_norm(jnp.sum(grads * grads, axis=1), eps) / num_tasks
-        return weights @ grads
-    if normalize == "layer":  # each leaf of each task gradient to unit norm
-        grads = grads * flat.per_entry(_inverse_norm((grads * grads) @ flat.layers, eps))
-    return jnp.full((num_tasks,), 1.0 / num_tasks, grads.dtype) @ grads
+        grads = grads * _inverse_norm(jnp.sum(grads * grads, axis=1), eps)[:, None]
+    elif normalize == "layer":  # each leaf of each task gradient to unit norm
+        per_leaf = jnp.matmul(grads * grads, flat.layers, precision=_EXACT)
+        grads = grads * flat.per_entry(_inverse_norm(per_leaf, eps))
+    return jnp.mean(grads, axis=0)
 
 
 def grad_share(

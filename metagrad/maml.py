@@ -109,7 +109,7 @@ def _mean_pairwise_cosine(grads: Any) -> jax.Array:
     flat = jnp.concatenate([g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)], axis=1)
     sq = jnp.sum(flat * flat, axis=1)
     unit = flat * jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0))[:, None]
-    gram = unit @ unit.T
+    gram = jnp.matmul(unit, unit.T, precision=jax.lax.Precision.HIGHEST)
     b = flat.shape[0]
     return (jnp.sum(gram) - jnp.trace(gram)) / max(b * (b - 1), 1)
 

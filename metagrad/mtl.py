@@ -38,6 +38,9 @@ from metagrad import _checks
 
 _REDUCTIONS = ("sum", "mean")
 _GRANULARITIES = ("global", "leaf")
+# Grams, projections and task-weighted sums at full precision (a TPU's default rounds
+# matmul inputs to bfloat16), as optax does for its tree inner products.
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +97,7 @@ def leaf_grams(updates: Any) -> jax.Array:
     for leaf in jax.tree.leaves(updates):
         a = _flat(leaf)
         a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
-        grams.append(jnp.matmul(a, jnp.conj(a).T, precision=jax.lax.Precision.HIGHEST).real)
+        grams.append(jnp.matmul(a, jnp.conj(a).T, precision=_EXACT).real)
     return jnp.stack(grams)
 
 
@@ -104,7 +107,7 @@ def combine(updates: Any, weights: jax.Array) -> Any:
     out = []
     for n, leaf in enumerate(leaves):
         w = weights if weights.ndim == 1 else weights[n]
-        out.append(jnp.tensordot(w.astype(leaf.dtype), leaf, axes=1))
+        out.append(jnp.tensordot(w.astype(leaf.dtype), leaf, axes=1, precision=_EXACT))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -224,7 +227,7 @@ def _pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> jax.Array:
     def one_task(i, order):
         def visit(c, j):
             # <g_i', g_j> with the surgered g_i' and the ORIGINAL g_j (Yu et al., Algorithm 1).
-            dot = c @ gram[:, j]
+            dot = jnp.dot(c, gram[:, j], precision=_EXACT)
             conflict = (j != i) & (dot < 0)
             return c - jnp.where(conflict, dot / safe_sq[j], 0.0) * eye[j], None
 
@@ -321,8 +324,9 @@ def _gradvac_coefficients(gram, orders, target, beta, eps):
     def one_task(i, order, target_row):
         def visit(carry, j):
             c, row = carry
-            norm_i = jnp.sqrt(jnp.maximum(c @ gram @ c, 0.0))
-            phi = (c @ gram[:, j]) / (norm_i * norms[j] + eps)
+            gc = jnp.dot(gram, c, precision=_EXACT)
+            norm_i = jnp.sqrt(jnp.maximum(jnp.dot(c, gc, precision=_EXACT), 0.0))
+            phi = jnp.dot(c, gram[:, j], precision=_EXACT) / (norm_i * norms[j] + eps)
             phi_hat = row[j]
             sin = jnp.sqrt(jnp.maximum(1.0 - phi**2, 0.0))
             sin_hat = jnp.sqrt(jnp.maximum(1.0 - phi_hat**2, 0.0))

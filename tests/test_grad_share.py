@@ -211,7 +211,9 @@ def test_zero_task_gradient_normalizes_to_zero_not_nan(normalize, eps):
     # Both normalizations: G = σ(0) · (0 + (0, g_v / ‖g_v‖)) / 2 tasks.
     g_v = -b[1][2:]
     np.testing.assert_array_equal(state.carry.average["u"], 0.0)
-    np.testing.assert_allclose(state.carry.average["v"], 0.25 * g_v / np.linalg.norm(g_v), rtol=1e-5)
+    np.testing.assert_allclose(
+        state.carry.average["v"], 0.25 * g_v / np.linalg.norm(g_v), rtol=1e-5
+    )
 
 
 def test_bad_arguments():
