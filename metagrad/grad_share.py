@@ -35,8 +35,8 @@ class GradShareCarry(NamedTuple):
     inner: Any  # carry of the wrapped inner rule
 
 
-# The one-hot matmuls below only sum or spread values: at the default precision a TPU would
-# round them to bfloat16.
+# The matmuls below only sum, average or spread values: at the default precision a TPU would
+# round their inputs to bfloat16.
 _EXACT = jax.lax.Precision.HIGHEST
 
 
@@ -91,13 +91,20 @@ def _inverse_norm(sq: jax.Array, eps: float) -> jax.Array:
 
 
 def _normalized_mean(flat: _Flat, grads: jax.Array, normalize: str, eps: float) -> jax.Array:
-    """Mean over the task axis of the (normalized) task gradients ``grads`` [tasks, P]."""
+    """Mean over the task axis of the (normalized) task gradients ``grads`` [tasks, P].
+
+    The mean is a vector-matrix product with per-task weights (1 / tasks, times the inverse
+    norm for ``"task"``), which folds the normalization in. On CPU this made second-order
+    MAML's outer step faster than a scaled copy followed by a reduction over tasks.
+    """
+    num_tasks = grads.shape[0]
+    weights = jnp.full((num_tasks,), 1.0 / num_tasks, grads.dtype)
     if normalize == "task":
-        grads = grads * _inverse_norm(jnp.sum(grads * grads, axis=1), eps)[:, None]
+        weights = weights * _inverse_norm(jnp.sum(grads * grads, axis=1), eps)
     elif normalize == "layer":  # each leaf of each task gradient to unit norm
         per_leaf = jnp.matmul(grads * grads, flat.layers, precision=_EXACT)
         grads = grads * flat.per_entry(_inverse_norm(per_leaf, eps))
-    return jnp.mean(grads, axis=0)
+    return jnp.matmul(weights, grads, precision=_EXACT)
 
 
 def grad_share(
