@@ -16,19 +16,21 @@ compile path; grad_share's learned m_k, λ_k are part of the method, so their ou
 update and (first order too) their backward pass through the rule's arithmetic are counted.
 
 Where the extra time goes. The rule's arithmetic is O(parameters) per inner step, while the
-support gradient it mixes costs O(parameters × examples): on Conv-4 the overhead is a few per
-cent. The sinusoid MLP is so small that an outer step is a few hundred kernels of about a
-microsecond each, and the ratio follows the kernel count, not the FLOPs. Per inner step
-grad_share adds the ravel of the task gradients, the norms, the mean, the average and the
-interpolation, plus the residuals kept for the backward pass; first order it adds a backward
-scan over the inner steps for m_k and λ_k (through the rule's arithmetic only: the task
-gradients are constants there), which plain FOMAML does not have at all. What brought the cost down:
-G kept flat through the whole inner loop (`InnerRule.loop_carry`), the sigmoids of all K logits
-taken before indexing, and the norm as one ``rsqrt``. The ablation rows (task batch 5; skip
-them with ``--no-grad-share-ablations``) show the floor: a rule that only ravels and unravels
-the task gradients costs 1.0-1.15×; grad_share with m_k, λ_k frozen (no backward pass for them)
-still costs about 1.5×, and ``normalize="none"`` about as much. On this MLP the 1.15 target is
-out of reach for the rule's forward arithmetic alone; on Conv-4 it is met.
+support gradient it mixes costs O(parameters × examples): on Conv-4 the overhead is within
+the noise. The sinusoid MLP is so small that an outer step is a few hundred kernels of about a
+microsecond each, and the ratio follows the kernel count and how XLA's CPU runtime schedules
+the kernels, not the FLOPs (a `jax.profiler` trace showed plain FOMAML's kernels all running on
+the calling thread, and grad_share's mostly on XLA's thread pool). Per inner step grad_share
+adds the ravel of the task gradients, the norms, the mean, the average and the interpolation,
+plus the residuals kept for the backward pass; first order it adds a backward scan over the
+inner steps for m_k and λ_k (through the rule's arithmetic only: the task gradients are
+constants there), which plain FOMAML does not have at all. What brought the cost down: G kept
+flat through the whole inner loop (`InnerRule.loop_carry`), the sigmoids of all K logits taken
+before indexing, the norm as one ``rsqrt``, and the task mean as one vector-matrix product.
+The ablation rows (task batch 5; skip them with ``--no-grad-share-ablations``) show the floor:
+a rule that only ravels and unravels the task gradients costs about 1.0×, while grad_share
+with m_k, λ_k frozen (no backward pass for them) still costs about 1.5×. On this MLP the 1.15
+target is out of reach for the rule's forward arithmetic alone; on Conv-4 it is met.
 """
 
 from __future__ import annotations
