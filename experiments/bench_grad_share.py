@@ -20,7 +20,8 @@ support gradient it mixes costs O(parameters × examples): on Conv-4 the overhea
 the noise. The sinusoid MLP is so small that an outer step is a few hundred kernels of about a
 microsecond each, and the ratio follows the kernel count and how XLA's CPU runtime schedules
 the kernels, not the FLOPs (a `jax.profiler` trace showed plain FOMAML's kernels all running on
-the calling thread, and grad_share's mostly on XLA's thread pool). Per inner step grad_share
+the calling thread, and those of grad_share with m_k, λ_k frozen mostly on XLA's thread pool).
+Per inner step grad_share
 adds the ravel of the task gradients, the norms, the mean, the average and the interpolation,
 plus the residuals kept for the backward pass; first order it adds a backward scan over the
 inner steps for m_k and λ_k (through the rule's arithmetic only: the task gradients are
