@@ -21,13 +21,14 @@ the noise. The sinusoid MLP is so small that an outer step is a few hundred kern
 microsecond each, and the ratio follows the kernel count and how XLA's CPU runtime schedules
 the kernels, not the FLOPs (a `jax.profiler` trace showed plain FOMAML's kernels all running on
 the calling thread, and those of grad_share with m_k, λ_k frozen mostly on XLA's thread pool).
-Per inner step grad_share
-adds the ravel of the task gradients, the norms, the mean, the average and the interpolation,
-plus the residuals kept for the backward pass; first order it adds a backward scan over the
-inner steps for m_k and λ_k (through the rule's arithmetic only: the task gradients are
-constants there), which plain FOMAML does not have at all. What brought the cost down: G kept
-flat through the whole inner loop (`InnerRule.loop_carry`), the sigmoids of all K logits taken
-before indexing, the norm as one ``rsqrt``, and the task mean as one vector-matrix product.
+Per inner step grad_share adds the ravel of the task gradients, the norms, the mean, the
+average and the interpolation, plus the residuals kept for the backward pass; first order it
+adds a backward scan over the inner steps for m_k and λ_k (through the rule's arithmetic only:
+the task gradients are constants there), which plain FOMAML does not have at all.
+
+What brought the cost down: G kept flat through the whole inner loop (`InnerRule.loop_carry`),
+the sigmoids of all K logits taken before indexing, the norm as one ``rsqrt``, and the task
+mean as one vector-matrix product.
 The ablation rows (task batch 5; skip them with ``--no-grad-share-ablations``) show the floor:
 a rule that only ravels and unravels the task gradients costs about 1.0×, while grad_share
 with m_k, λ_k frozen (no backward pass for them) still costs about 1.5×. On this MLP the 1.15
