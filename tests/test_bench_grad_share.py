@@ -1,7 +1,5 @@
 """The grad_share benchmark's ablated rules compute what their rows claim to time."""
 
-import argparse
-
 import jax
 import numpy as np
 import optax
@@ -33,21 +31,3 @@ def test_frozen_rule_keeps_its_parameters_and_learned_one_moves():
     # Frozen or not, the forward arithmetic is the same: the same running average G.
     for a, b in zip(jax.tree.leaves(frozen.carry), jax.tree.leaves(learned.carry), strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-def test_conv4_section_rows(monkeypatch):
-    # The Conv-4 rows on a shrunken episode (the full one takes minutes to compile).
-    monkeypatch.setattr(bench, "IMAGE", 8)
-    monkeypatch.setattr(bench, "CHANNELS", 4)
-    monkeypatch.setattr(bench, "QUERIES", 1)
-    monkeypatch.setattr(bench, "CONV_TASKS", 2)
-    monkeypatch.setattr(bench, "INNER_STEPS", 1)
-    args = argparse.Namespace(
-        grad_share_models=["conv4"], grad_share_conv_iters=1, grad_share_conv_rounds=1
-    )
-    rows = bench.run(args)
-    assert [(r["method"], r["variant"]) for r in rows] == [
-        ("maml", "grad_share"),
-        ("fomaml", "grad_share"),
-    ]
-    assert all(r["ratio"] > 0 and r["task_batch"] == 2 for r in rows)

@@ -6,13 +6,11 @@ subprocess. Each case compares the update computed under `jax.pmap` or
 combined batches.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.helpers import run_on_four_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -124,17 +122,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def errors():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return run_on_four_devices(["-c", SCRIPT])
 
 
 def test_cases_ran(errors):

@@ -11,13 +11,11 @@ checkpoint onto 4 devices. Single dotprod updates under `pmap`/`shard_map` are c
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
+
+from tests.helpers import run_on_four_devices
 
 SCRIPT = pathlib.Path(__file__).with_name("multidevice_script.py")
 TOLERANCE = 1e-5
@@ -26,19 +24,7 @@ JIT_SHARDED = ["dotprod", "maml", "grad_share", "reptile", "seq_reptile", "pcgra
 
 @pytest.fixture(scope="module")
 def output():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    root = str(SCRIPT.parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
-    return json.loads(lines["RESULT"])
+    return run_on_four_devices([str(SCRIPT)])
 
 
 @pytest.mark.parametrize("name", JIT_SHARDED)
