@@ -17,8 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import _checks
-from metagrad.mtl import _check_reduction, _reduce, check_task_axis, combine, hyperparam
+from metagrad import _aggregate, _checks
+from metagrad._aggregate import check_task_axis, combine, hyperparam
+
+_WEIGHT_UPDATES = ("clip", "log")
+
+
+def _open_unit_interval(name: str, value: Any) -> float:
+    value = _checks.positive_float(name, value)
+    if value >= 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value}")
+    return value
 
 
 class GradNormState(NamedTuple):
@@ -37,6 +46,8 @@ def gradnorm(
     *,
     norm_mask: Any | Callable[[Any], Any] | None = None,
     reduction: str = "sum",
+    weight_update: str = "clip",
+    min_weight: float = 1e-3,
 ) -> optax.GradientTransformationExtraArgs:
     """GradNorm: task weights learned so that weighted gradient norms train at equal rates.
 
@@ -54,6 +65,17 @@ def gradnorm(
     whose weighted gradient norm is below its target (it trains too slowly, or its gradient is
     small) gets its weight increased.
 
+    The weights must stay positive (a negative w_i turns the update into gradient ascent on task
+    i), which the paper's additive step does not ensure: with task gradient norms far apart, one
+    step of size lr·‖g_i‖ can exceed w_i. The paper is silent on this, so `weight_update` chooses:
+
+    - ``"clip"`` (default): the paper's step w_i − lr·∂L_grad/∂w_i, then clipped to at least
+      `min_weight` before the renormalisation. Identical to the paper while no weight reaches
+      the floor.
+    - ``"log"``: the step is taken on s_i = log w_i (gradient w_i·∂L_grad/∂w_i, i.e. the
+      multiplicative update w_i·exp(−lr·sign(G_i − Ḡ r_i^α)·G_i)); positive by construction,
+      and the renormalisation makes w = T·softmax(s).
+
     The paper measures ‖g_i‖ on the last shared layer W. Here the norms are over the per-task
     gradients given, i.e. the whole model by default; `norm_mask` restricts them to a subset of
     the leaves (e.g. the last shared layer). L_i(0) is the `losses` of the first call. The losses
@@ -68,11 +90,16 @@ def gradnorm(
         callable mapping params to one; leaves marked True enter ‖g_i‖.
       reduction: ``"sum"`` (default: sum_i w_i g_i with sum_i w_i = T) or ``"mean"`` (divided
         by T).
+      weight_update: ``"clip"`` (default) or ``"log"``, how the weights are kept positive (above).
+      min_weight: the floor of ``"clip"``, in (0, 1) (weights average 1). Default 1e-3.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; call ``update(updates, state, params,
-      losses=losses)`` with updates of leaves ``[T, ...]`` and losses of shape ``[T]``. Works
-      under `optax.inject_hyperparams` (``static_args=("num_tasks",)``).
+      losses=losses)`` with updates of leaves ``[T, ...]`` and losses of shape ``[T]``. A step
+      whose task gradients or losses are not all finite returns a non-finite update (for
+      ``optax.apply_if_finite`` after it to skip) and leaves the state unchanged. Works under
+      `optax.inject_hyperparams` (``static_args=("num_tasks", "norm_mask")``) with `alpha`,
+      `learning_rate` and `min_weight` injected.
 
     Example:
       >>> import jax.numpy as jnp, metagrad as mg
@@ -87,13 +114,15 @@ def gradnorm(
       Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep
       Multitask Networks <https://arxiv.org/abs/1711.02257>`_, ICML 2018 (Algorithm 1).
     """
-    num_tasks = _checks.positive_int("num_tasks", num_tasks)
-    alpha = hyperparam("alpha", alpha, lambda n, v: _checks.positive_float(n, v, allow_zero=True))
+    num_tasks = _aggregate.num_tasks_arg(num_tasks)
+    alpha = hyperparam("alpha", alpha, _aggregate.nonnegative)
     if isinstance(learning_rate, optax.GradientTransformation):
         weight_opt = learning_rate
     else:
         weight_opt = optax.sgd(hyperparam("learning_rate", learning_rate, _checks.positive_float))
-    _check_reduction(reduction)
+    _aggregate.check_reduction(reduction)
+    _checks.one_of("weight_update", weight_update, _WEIGHT_UPDATES)
+    min_weight = hyperparam("min_weight", min_weight, _open_unit_interval)
     if norm_mask is not None and not callable(norm_mask):
         for leaf in jax.tree.leaves(norm_mask):
             if not isinstance(leaf, (bool, np.bool_)):
@@ -134,7 +163,7 @@ def gradnorm(
 
     def update_fn(updates, state, params=None, *, losses=None, **extra_args):
         del extra_args
-        check_task_axis(updates, params, num_tasks)
+        check_task_axis(updates, params, num_tasks, name="gradnorm")
         if losses is None:
             raise ValueError(
                 "gradnorm needs the per-task losses: call update(updates, state, params, "
@@ -155,17 +184,26 @@ def gradnorm(
         target = jnp.mean(weighted) * inverse_rate**alpha
         # d/dw_i |w_i n_i - target_i| with the target held constant.
         grad_w = jnp.sign(weighted - target) * norms
-        step, weight_state = weight_opt.update(grad_w, state.weight_state, weights)
-        new_weights = optax.apply_updates(weights, step)
+        if weight_update == "clip":
+            step, weight_state = weight_opt.update(grad_w, state.weight_state, weights)
+            new_weights = jnp.maximum(optax.apply_updates(weights, step), min_weight)
+        else:
+            # Chain rule through w = exp(s): dL/ds_i = w_i dL/dw_i.
+            logs = jnp.log(weights)
+            step, weight_state = weight_opt.update(weights * grad_w, state.weight_state, logs)
+            new_logs = optax.apply_updates(logs, step)
+            new_weights = jnp.exp(new_logs - jnp.max(new_logs))
         new_weights = new_weights * (num_tasks / jnp.sum(new_weights))
 
-        out = combine(updates, _reduce(weights, reduction, num_tasks))
+        # A non-finite loss makes the update non-finite too, so that the guard skips the step.
+        out_weights = jnp.where(jnp.all(jnp.isfinite(losses)), weights, jnp.nan)
+        out = combine(updates, _aggregate.reduce(out_weights, reduction, num_tasks))
         new_state = GradNormState(
             count=optax.safe_increment(state.count),
             weights=new_weights,
             initial_losses=initial,
             weight_state=weight_state,
         )
-        return out, new_state
+        return out, _aggregate.keep_state_if_finite(out, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

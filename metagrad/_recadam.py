@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from metagrad import _checks
-from metagrad.mtl import hyperparam
+from metagrad._aggregate import hyperparam
 
 
 class RecAdamState(NamedTuple):

@@ -18,10 +18,21 @@ in the T×T space of the Gram matrix ``G_ij = <g_i, g_j>``: each surgered gradie
 ``g_i' = sum_j C_ij g_j`` and the output is ``sum_j (sum_i C_ij) g_j``. The parameter-sized work
 is one Gram matrix and one weighted sum per leaf, whatever the number of projections.
 
-Non-finite task gradients are not filtered: they propagate into the combined gradient (and, for
-GradVac and GradNorm, into the state). Chain ``optax.apply_if_finite`` around the whole chain,
-``optax.apply_if_finite(optax.chain(mg.pcgrad(), optax.adam(lr)), n)``, to skip such steps with
-the state left unchanged.
+An aggregator changes the updates' shapes ([T, ...] in, [...] out), so it goes first in a chain
+and optax wrappers that re-run their inner transformation on updates of the params' shape go
+after it, around the optimizer:
+
+- Non-finite values: ``optax.chain(mg.pcgrad(), optax.apply_if_finite(optax.adam(lr), n))``.
+  A non-finite task gradient (or, for GradNorm, task loss) is not filtered: it propagates into
+  the combined gradient, which the guard then skips, while every aggregator keeps its state
+  (GradVac's targets, GradNorm's weights, counters and PRNG keys) unchanged on that step. So a
+  skipped step leaves no trace: the state and params equal a run without that step.
+- Gradient accumulation: ``optax.chain(mg.pcgrad(), optax.MultiSteps(optax.adam(lr), k))``; the
+  aggregator combines each mini-batch's task gradients, MultiSteps averages the combined ones.
+
+An aggregator placed inside `optax.apply_if_finite` or `optax.MultiSteps` raises a `ValueError`
+that gives the placement above, and one given an already-combined gradient (leaves of the
+params' shape) says so.
 """
 
 from __future__ import annotations
@@ -34,102 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import _checks
+from metagrad import _aggregate, _checks
+from metagrad._aggregate import EXACT as _EXACT
+from metagrad._aggregate import check_reduction as _check_reduction
+from metagrad._aggregate import check_task_axis, combine, hyperparam, keep_state_if_finite
+from metagrad._aggregate import reduce as _reduce
 
-_REDUCTIONS = ("sum", "mean")
 _GRANULARITIES = ("global", "leaf")
-# Grams, projections and task-weighted sums at full precision (a TPU's default rounds
-# matmul inputs to bfloat16), as optax does for its tree inner products.
-_EXACT = jax.lax.Precision.HIGHEST
-
-
-# --------------------------------------------------------------------------------------------
-# Shared helpers (private; also used by metagrad._gradnorm).
-
-
-def check_task_axis(updates: Any, params: Any = None, num_tasks: int | None = None) -> int:
-    """Checks `updates` is stacked on a leading task axis; returns the number of tasks T."""
-    leaves_with_path = jax.tree_util.tree_leaves_with_path(updates)
-    if not leaves_with_path:
-        raise ValueError("updates must have at least one leaf (per-task gradients)")
-    sizes = {}
-    for path, leaf in leaves_with_path:
-        if np.ndim(leaf) == 0:
-            raise ValueError(
-                "updates must be per-task gradients stacked on a leading task axis; the leaf at "
-                f"{jax.tree_util.keystr(path)} is a scalar"
-            )
-        sizes.setdefault(np.shape(leaf)[0], jax.tree_util.keystr(path))
-    if len(sizes) > 1:
-        detail = ", ".join(f"{where or 'root'}: {size}" for size, where in sizes.items())
-        raise ValueError(
-            "updates must share one leading task axis; leading sizes differ across leaves "
-            f"({detail})"
-        )
-    (num,) = sizes
-    if num_tasks is not None and num != num_tasks:
-        raise ValueError(
-            f"updates have {num} tasks on their leading task axis but num_tasks={num_tasks}"
-        )
-    if params is not None:
-        pdef, udef = jax.tree.structure(params), jax.tree.structure(updates)
-        if pdef != udef:
-            raise ValueError(
-                f"updates must have the tree structure of params; got {udef}, expected {pdef}"
-            )
-        for (path, leaf), p in zip(leaves_with_path, jax.tree.leaves(params), strict=True):
-            if np.shape(leaf) != (num, *np.shape(p)):
-                raise ValueError(
-                    "updates must be per-task gradients stacked on a leading task axis: at "
-                    f"{jax.tree_util.keystr(path)} got shape {np.shape(leaf)}, expected "
-                    f"{(num, *np.shape(p))} (params shape {np.shape(p)} with {num} tasks)"
-                )
-    return num
-
-
-def _flat(leaf: jax.Array) -> jax.Array:
-    return jnp.reshape(leaf, (leaf.shape[0], -1))
-
-
-def leaf_grams(updates: Any) -> jax.Array:
-    """Per-leaf Gram matrices of the task gradients, shape [num_leaves, T, T]."""
-    grams = []
-    for leaf in jax.tree.leaves(updates):
-        a = _flat(leaf)
-        a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
-        grams.append(jnp.matmul(a, jnp.conj(a).T, precision=_EXACT).real)
-    return jnp.stack(grams)
-
-
-def combine(updates: Any, weights: jax.Array) -> Any:
-    """Returns sum_j weights[..., j] * g_j per leaf; weights is [T] or [num_leaves, T]."""
-    leaves, treedef = jax.tree.flatten(updates)
-    out = []
-    for n, leaf in enumerate(leaves):
-        w = weights if weights.ndim == 1 else weights[n]
-        out.append(jnp.tensordot(w.astype(leaf.dtype), leaf, axes=1, precision=_EXACT))
-    return jax.tree.unflatten(treedef, out)
-
-
-def hyperparam(name: str, value: Any, check) -> Any:
-    """Checks a numeric hyper-parameter, or passes a (possibly traced) scalar array through.
-
-    Under `optax.inject_hyperparams` numeric arguments arrive as arrays whose value cannot be
-    checked when traced; only their shape is.
-    """
-    if isinstance(value, (jax.Array, np.ndarray)):
-        if np.ndim(value) != 0:
-            raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
-        return value
-    return check(name, value)
-
-
-def _check_reduction(reduction: str) -> str:
-    return _checks.one_of("reduction", reduction, _REDUCTIONS)
-
-
-def _reduce(weights: jax.Array, reduction: str, num_tasks: int) -> jax.Array:
-    return weights / num_tasks if reduction == "mean" else weights
 
 
 def _key_from_seed(seed: int | jax.Array) -> jax.Array:
@@ -156,7 +78,7 @@ def _orders(key: jax.Array, num_tasks: int, shuffle: bool) -> jax.Array:
 
 
 def _grams_for(updates: Any, granularity: str) -> jax.Array:
-    grams = leaf_grams(updates)
+    grams = _aggregate.leaf_grams(updates)
     return jnp.sum(grams, axis=0, keepdims=True) if granularity == "global" else grams
 
 
@@ -199,7 +121,7 @@ def mtl_sum(reduction: str = "sum") -> optax.GradientTransformation:
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None):
-        num_tasks = check_task_axis(updates, params)
+        num_tasks = check_task_axis(updates, params, name="mtl_sum")
         weights = _reduce(jnp.ones((num_tasks,)), reduction, num_tasks)
         return combine(updates, weights), state
 
@@ -290,15 +212,16 @@ def pcgrad(
         return PCGradState(count=jnp.zeros([], jnp.int32), key=key0)
 
     def update_fn(updates, state, params=None):
-        num_tasks = check_task_axis(updates, params)
+        num_tasks = check_task_axis(updates, params, name="pcgrad")
         key, sub = jax.random.split(state.key)
         orders = _orders(sub, num_tasks, shuffle)
         grams = _grams_for(updates, granularity)
         coeffs = jax.vmap(_pcgrad_coefficients, in_axes=(0, None))(grams, orders)
         weights = _reduce(jnp.sum(coeffs, axis=1), reduction, num_tasks)  # [groups, T]
         weights = weights[0] if granularity == "global" else weights
+        out = combine(updates, weights)
         new_state = PCGradState(count=optax.safe_increment(state.count), key=key)
-        return combine(updates, weights), new_state
+        return out, keep_state_if_finite(out, new_state, state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -398,11 +321,9 @@ def gradvac(
       Wang et al., `Gradient Vaccine: Investigating and Improving Multi-task Optimization in
       Massively Multilingual Models <https://arxiv.org/abs/2010.05874>`_, ICLR 2021.
     """
-    num_tasks = _checks.positive_int("num_tasks", num_tasks)
-    beta = hyperparam("beta", beta, _checks.positive_float)
-    if isinstance(beta, float) and beta > 1.0:
-        raise ValueError(f"beta must be in (0, 1], got {beta}")
-    eps = hyperparam("eps", eps, lambda n, v: _checks.positive_float(n, v, allow_zero=True))
+    num_tasks = _aggregate.num_tasks_arg(num_tasks)
+    beta = hyperparam("beta", beta, _aggregate.unit_interval)
+    eps = hyperparam("eps", eps, _aggregate.nonnegative)
     key0 = _key_from_seed(seed)
     _check_reduction(reduction)
     _checks.one_of("granularity", granularity, _GRANULARITIES)
@@ -418,7 +339,7 @@ def gradvac(
         )
 
     def update_fn(updates, state, params=None):
-        check_task_axis(updates, params, num_tasks)
+        check_task_axis(updates, params, num_tasks, name="gradvac")
         groups = 1 if granularity == "global" else len(jax.tree.leaves(updates))
         if state.target.shape != (groups, num_tasks, num_tasks):
             raise ValueError(
@@ -433,7 +354,8 @@ def gradvac(
         )
         weights = _reduce(jnp.sum(coeffs, axis=1), reduction, num_tasks)
         weights = weights[0] if granularity == "global" else weights
+        out = combine(updates, weights)
         new_state = GradVacState(count=optax.safe_increment(state.count), key=key, target=target)
-        return combine(updates, weights), new_state
+        return out, keep_state_if_finite(out, new_state, state)
 
     return optax.GradientTransformation(init_fn, update_fn)
