@@ -135,8 +135,7 @@ def check_task_axis(
     wrapper = _enclosing_optax_wrapper()
     if wrapper is not None:
         raise ValueError(
-            f"mg.{name} cannot sit inside {wrapper}: "
-            + _PLACEMENT_HELP[wrapper].format(name=name)
+            f"mg.{name} cannot sit inside {wrapper}: " + _PLACEMENT_HELP[wrapper].format(name=name)
         )
     leaves_with_path = jax.tree_util.tree_leaves_with_path(updates)
     if not leaves_with_path:

@@ -72,9 +72,10 @@ def gradnorm(
     - ``"clip"`` (default): the paper's step w_i − lr·∂L_grad/∂w_i, then clipped to at least
       `min_weight` before the renormalisation. Identical to the paper while no weight reaches
       the floor.
-    - ``"log"``: the step is taken on s_i = log w_i (gradient w_i·∂L_grad/∂w_i, i.e. the
-      multiplicative update w_i·exp(−lr·sign(G_i − Ḡ r_i^α)·G_i)); positive by construction,
-      and the renormalisation makes w = T·softmax(s).
+    - ``"log"``: the weight optimizer steps s_i = log w_i on the gradient w_i·∂L_grad/∂w_i (with
+      SGD, the multiplicative update w_i·exp(−lr·sign(G_i − Ḡ r_i^α)·G_i)); positive by
+      construction, and the renormalisation makes w = T·softmax(s). Its steps are relative
+      (a weight moves by a factor), so it has no floor to choose but needs its own `learning_rate`.
 
     The paper measures ‖g_i‖ on the last shared layer W. Here the norms are over the per-task
     gradients given, i.e. the whole model by default; `norm_mask` restricts them to a subset of

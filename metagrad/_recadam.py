@@ -16,7 +16,14 @@ import jax.numpy as jnp
 import optax
 
 from metagrad import _checks
-from metagrad._aggregate import hyperparam
+from metagrad._aggregate import hyperparam, nonnegative
+
+
+def _decay(name: str, value: Any) -> float:
+    value = nonnegative(name, value)
+    if value >= 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
 
 
 class RecAdamState(NamedTuple):
@@ -56,7 +63,10 @@ def recadam(
     scaled down for large learning rates.
 
     RecAdam takes one (already combined) gradient, without a task axis; the multi-task baseline
-    of the Sequential Reptile paper is ``optax.chain(mg.mtl_sum(), mg.recadam(...))``.
+    of the Sequential Reptile paper is ``optax.chain(mg.mtl_sum(), mg.recadam(...))``. Like
+    `optax.adam` it lets a non-finite gradient into its moments; it keeps the updates' shapes, so
+    the guard wraps it directly:
+    ``optax.chain(mg.mtl_sum(), optax.apply_if_finite(mg.recadam(...), n))``.
 
     Args:
       learning_rate: η, a float or an optax schedule of the step count.
@@ -69,7 +79,8 @@ def recadam(
     Returns:
       An `optax.GradientTransformation` (a full optimizer, learning rate included, like
       `optax.adam`); `update` needs `params`. The state holds θ*. Works under
-      `optax.inject_hyperparams` (e.g. to schedule or log the learning rate).
+      `optax.inject_hyperparams` with any of its numeric arguments injected (e.g. to schedule
+      or log the learning rate).
 
     Example:
       >>> import jax.numpy as jnp, metagrad as mg, optax
@@ -88,9 +99,10 @@ def recadam(
         learning_rate = hyperparam("learning_rate", learning_rate, _checks.positive_float)
     anneal_k = hyperparam("anneal_k", anneal_k, _checks.positive_float)
     anneal_t0 = hyperparam("anneal_t0", anneal_t0, _checks.finite_float)
-    pretrain_coef = hyperparam(
-        "pretrain_coef", pretrain_coef, lambda n, v: _checks.positive_float(n, v, allow_zero=True)
-    )
+    pretrain_coef = hyperparam("pretrain_coef", pretrain_coef, nonnegative)
+    b1 = hyperparam("b1", b1, _decay)
+    b2 = hyperparam("b2", b2, _decay)
+    eps = hyperparam("eps", eps, nonnegative)
     adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
     def init_fn(params):

@@ -188,7 +188,9 @@ def pcgrad(
         or ``"leaf"`` (each parameter leaf gets its own projections).
 
     Returns:
-      An `optax.GradientTransformation` from leaves ``[T, ...]`` to the combined gradient.
+      An `optax.GradientTransformation` from leaves ``[T, ...]`` to the combined gradient. A step
+      with non-finite task gradients returns a non-finite update and leaves the state (count
+      and key) unchanged, for ``optax.apply_if_finite`` after it (see the module docstring).
 
     Example:
       >>> import jax.numpy as jnp, metagrad as mg
@@ -306,8 +308,10 @@ def gradvac(
 
     Returns:
       An `optax.GradientTransformation` from leaves ``[T, ...]`` to the combined gradient; its
-      state holds the targets, shape ``[groups, T, T]``. Works under `optax.inject_hyperparams`
-      (``static_args=("num_tasks",)``) with `beta` injected.
+      state holds the targets, shape ``[groups, T, T]``. A step with non-finite task gradients
+      returns a non-finite update and leaves the state unchanged (see the module docstring for
+      the guard). Works under `optax.inject_hyperparams` (``static_args=("num_tasks",)``) with
+      `beta` and `eps` injected.
 
     Example:
       >>> import jax.numpy as jnp, metagrad as mg

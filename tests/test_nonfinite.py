@@ -7,7 +7,9 @@ metagrad does not hide non-finite values: they propagate into the update or meta
   (wrapping the whole chain would check only the incoming Ḡ1, not `grad_fn`'s output);
 - `reptile_outer`: around the inner optimizer, or around the whole wrapper (then the
   skipped call leaves the inner-step count unchanged);
-- the meta-steps: the outer optimizer, ``outer=optax.apply_if_finite(optax.adam(...), n)``.
+- the meta-steps: the outer optimizer, ``outer=optax.apply_if_finite(optax.adam(...), n)``;
+- the multi-task aggregators: after them, ``optax.chain(mg.pcgrad(), optax.apply_if_finite(opt,
+  n))``, with the aggregator's state kept on a bad step (tested in `tests/test_mtl_contract.py`).
 
 Each test makes a few steps non-finite and checks that the params stay finite, that the
 bad steps were skipped, and that training goes on afterwards. `apply_if_finite` applies
