@@ -37,17 +37,15 @@ def _check_value(
     high: float | None,
 ) -> None:
     """Range checks on a known value (from a Python number or a concrete array)."""
-    if integer:
-        if low is not None and (value < low if low_inclusive else value <= low):
-            raise ValueError(f"{name} must be an integer {_range_text(low, low_inclusive, high)}, "
-                             f"got {value:g}")
-        return
-    if not math.isfinite(value):
+    if not integer and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and value > high
     if too_low or too_high:
-        raise ValueError(f"{name} must be {_range_text(low, low_inclusive, high)}, got {value}")
+        kind = "an integer " if integer else ""
+        raise ValueError(
+            f"{name} must be {kind}{_range_text(low, low_inclusive, high)}, got {value}"
+        )
 
 
 def hyperparameter(

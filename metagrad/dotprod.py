@@ -175,7 +175,8 @@ def dotprod(
         leaves :math:`\bar G_1` alone), so dotprod raises a ``ValueError``
         there. ``optax.masked`` / ``multi_transform`` after dotprod in an
         ``optax.chain`` (e.g. to give the embeddings another optimizer) are
-        fine.
+        fine. Under ``optax.inject_hyperparams``, list a callable mask in
+        ``static_args=("mask",)``, or it is taken for a schedule.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose update is called as

@@ -148,7 +148,9 @@ def reptile_outer(
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; ``update`` requires
-      ``params``.
+      ``params``. As in optax, leaves may be Python numbers (turned into
+      arrays of the default float type, so the updates and
+      ``state.outer_params`` are arrays) or ``None``.
 
     Example:
       >>> import jax.numpy as jnp

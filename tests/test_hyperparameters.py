@@ -121,3 +121,26 @@ def test_tracers_pass_through_inject_hyperparams_and_jit():
 
     hv = jax.jit(lambda s: mg.fd_hvp(GRAD_FN, PARAMS, PARAMS, step=s))(1e-3)
     np.testing.assert_allclose(hv["w"], mg.fd_hvp(GRAD_FN, PARAMS, PARAMS, step=1e-3)["w"])
+
+
+def test_shared_check_forms():
+    # The one check behind the above, on the forms the public functions do not all use.
+    from metagrad._checks import hyperparameter
+
+    assert hyperparameter("b", np.float32(0.5), low=0, high=1) == 0.5
+    with pytest.raises(ValueError, match=r"^b must be in \(0, 1\], got 2.0"):
+        hyperparameter("b", jnp.array(2.0), low=0, high=1)
+    with pytest.raises(ValueError, match=r"^k must be an integer in \[1, 4\], got 5"):
+        hyperparameter("k", 5, integer=True, low=1, low_inclusive=True, high=4)
+    with pytest.raises(TypeError, match=r"^lr must be a number"):
+        hyperparameter("lr", lambda count: 0.1, low=0)  # no schedule allowed here
+    schedule = optax.constant_schedule(0.1)
+    assert hyperparameter("lr", schedule, low=0, schedule=True) is schedule
+    # A tracer's value is unknown: passed through (here NaN, unchecked) ...
+    out = jax.jit(lambda v: hyperparameter("lr", v, low=0))(jnp.nan)
+    assert np.isnan(out)
+    # ... but its shape and dtype are known and checked.
+    with pytest.raises(ValueError, match=r"^lr must be a scalar"):
+        jax.jit(lambda v: hyperparameter("lr", v, low=0))(jnp.ones(2))
+    with pytest.raises(TypeError, match=r"^k must be an integer >= 1, got an array of dtype"):
+        jax.jit(lambda v: hyperparameter("k", v, integer=True, low=1, low_inclusive=True))(2.0)
