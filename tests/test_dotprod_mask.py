@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import metagrad as mg
 from tests.test_hvp import tanh_problem
@@ -80,13 +81,13 @@ def test_mask_forms_agree():
     is_weight = lambda p: jax.tree.map(lambda x: x.ndim == 2, p)
     by_tree = run(mask=[{"w": True, "b": False} for _ in params])
     np.testing.assert_array_equal(
-        jax.flatten_util.ravel_pytree(run(mask=is_weight))[0],
-        jax.flatten_util.ravel_pytree(by_tree)[0],
+        ravel_pytree(run(mask=is_weight))[0],
+        ravel_pytree(by_tree)[0],
     )
     # Selecting every leaf is no mask at all.
     np.testing.assert_array_equal(
-        jax.flatten_util.ravel_pytree(run(mask=True))[0],
-        jax.flatten_util.ravel_pytree(run())[0],
+        ravel_pytree(run(mask=True))[0],
+        ravel_pytree(run())[0],
     )
 
 
