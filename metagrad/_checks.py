@@ -19,38 +19,140 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def positive_int(name: str, value: Any) -> int:
-    """Returns `value` as an int after checking it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(
-            f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}"
+def _range_text(low: float | None, low_inclusive: bool, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"in {'[' if low_inclusive else '('}{low:g}, {high:g}]"
+    if low is not None:
+        return f"{'>=' if low_inclusive else '>'} {low:g}"
+    return f"<= {high:g}" if high is not None else ""
+
+
+def _check_value(
+    name: str,
+    value: float,
+    *,
+    integer: bool,
+    low: float | None,
+    low_inclusive: bool,
+    high: float | None,
+) -> None:
+    """Range checks on a known value (from a Python number or a concrete array)."""
+    if not integer and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        kind = "an integer " if integer else ""
+        raise ValueError(
+            f"{name} must be {kind}{_range_text(low, low_inclusive, high)}, got {value}"
         )
-    if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value}")
-    return int(value)
+
+
+def hyperparameter(
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    low_inclusive: bool = False,
+    high: float | None = None,
+    schedule: bool = False,
+    expected: str | None = None,
+) -> Any:
+    """Checks a numeric hyper-parameter, in whichever form it arrives.
+
+    One check for the forms a hyper-parameter takes in an optax-style library:
+
+    - a Python (or NumPy) number: checked and returned as ``int`` / ``float``;
+    - a concrete array (e.g. ``jnp.array(0.1)``, or the arrays that
+      ``optax.inject_hyperparams`` passes when it is not traced): it must be a
+      scalar of an integer (``integer=True``) or real dtype, and its value is
+      checked exactly like a number; the array is returned unchanged;
+    - a tracer (``inject_hyperparams`` or a user's ``jax.jit``): shape and dtype
+      are checked, the value cannot be and is passed through;
+    - a callable, accepted as a schedule when ``schedule=True`` and returned
+      unchanged (its values are only known at call time).
+
+    Values must be finite; ``integer=True`` asks for an integer; ``low`` and
+    ``high`` bound the value (``low`` exclusive unless ``low_inclusive``,
+    ``high`` inclusive).
+
+    Args:
+      name: the parameter's name, which starts every error message.
+      value: the value given by the user.
+      integer: whether the hyper-parameter is an integer (a count or period).
+      low: lower bound, or None.
+      low_inclusive: whether ``value == low`` is allowed.
+      high: inclusive upper bound, or None.
+      schedule: whether a callable (an optax schedule) is allowed.
+      expected: what to say a wrong type should have been; by default "an
+        integer >= ..." or "a number".
+
+    Returns:
+      ``value`` as a Python number if it was one, else unchanged.
+
+    Raises:
+      TypeError: a value of the wrong type (a string, a bool, a float for an
+        integer, a non-real array, a callable where no schedule is allowed).
+      ValueError: a non-scalar array, or a known value that is non-finite or
+        out of range.
+    """
+    bounds = dict(integer=integer, low=low, low_inclusive=low_inclusive, high=high)
+    if expected is None:
+        expected = (
+            f"an integer {_range_text(low, low_inclusive, high)}".rstrip()
+            if integer
+            else "a number"
+        )
+
+    def wrong_type(what: str) -> TypeError:
+        return TypeError(f"{name} must be {expected}, got {what}")
+
+    if isinstance(value, (jax.Array, np.ndarray)):  # includes tracers
+        if np.shape(value) != ():
+            raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
+        dtype = np.dtype(value.dtype)
+        ok = np.issubdtype(dtype, np.integer) or (
+            not integer and np.issubdtype(dtype, np.floating)
+        )
+        if dtype == np.bool_ or not ok:
+            raise wrong_type(f"an array of dtype {dtype}")
+        if not isinstance(value, jax.core.Tracer):
+            number = int(value) if integer else float(value)
+            _check_value(name, number, **bounds)
+        return value
+    if callable(value) and schedule:
+        return value
+    if integer:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise wrong_type(f"{value!r} of type {type(value).__name__}")
+        _check_value(name, int(value), **bounds)
+        return int(value)
+    if not _is_number(value):
+        raise wrong_type(f"{value!r} of type {type(value).__name__}")
+    _check_value(name, float(value), **bounds)
+    return float(value)
+
+
+def positive_int(name: str, value: Any) -> int:
+    """Returns `value` as an int after checking it is an integer >= 1 (no arrays)."""
+    if isinstance(value, (jax.Array, np.ndarray)):
+        raise TypeError(f"{name} must be an integer >= 1, got an array")
+    return hyperparameter(name, value, integer=True, low=1, low_inclusive=True)
 
 
 def positive_float(name: str, value: Any, *, allow_zero: bool = False) -> float:
     """Returns `value` as a float after checking it is finite and > 0 (or >= 0)."""
     if not _is_number(value):
         raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
+    return hyperparameter(name, value, low=0, low_inclusive=allow_zero)
 
 
 def finite_float(name: str, value: Any) -> float:
     """Returns `value` as a float after checking it is a finite number."""
     if not _is_number(value):
         raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    return hyperparameter(name, value)
 
 
 def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:

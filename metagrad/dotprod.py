@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from metagrad import _checks
-from metagrad.hvp import _check_grad_output, _fd_hvp, _hvp_with_grad
+from metagrad.hvp import _as_arrays, _check_grad_output, _fd_hvp, _hvp_with_grad, fd_step
 
 _SCHEMES = ("forward", "central", "exact")
 
@@ -29,57 +29,55 @@ class DotProdState(NamedTuple):
     count: jax.Array  # int32 scalar, calls of `update` so far
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+_WEIGHT_TYPES = "a float, a scalar array or an optax schedule (a callable of the step count)"
+
+_INSIDE_MASKED = (
+    "dotprod got params or updates with optax.MaskedNode leaves: it cannot run inside "
+    "optax.masked or optax.multi_transform, which hide the unselected parameters while "
+    "grad_fn needs all of them. To regularize a subset of the parameters, pass mask= to "
+    "dotprod (the convention of optax.masked: a pytree of bools like the params, or a prefix "
+    "of it, or a callable of the params returning one) and put optax.masked / "
+    "optax.multi_transform after dotprod in the optax.chain."
+)
 
 
-def _concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def _is_masked_node(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
 
-def _scalar_array(name: str, x: Any) -> None:
-    if np.shape(x) != ():
-        raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(x)}")
+def _check_not_masked(*trees: Any) -> None:
+    for tree in trees:
+        if any(map(_is_masked_node, jax.tree.leaves(tree, is_leaf=_is_masked_node))):
+            raise ValueError(_INSIDE_MASKED)
 
 
-def _check_inner_alpha(inner_alpha: Any) -> Any:
-    if inner_alpha is None:
-        return None
-    if _is_array(inner_alpha):
-        # `optax.inject_hyperparams` passes hyper-parameters as (possibly traced)
-        # arrays; check the value whenever it is known.
-        _scalar_array("inner_alpha", inner_alpha)
-        if _concrete(inner_alpha):
-            _checks.positive_float("inner_alpha", float(inner_alpha))
-        return inner_alpha
-    return _checks.positive_float("inner_alpha", inner_alpha)
+def _check_mask_leaves(tree: Any) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not isinstance(leaf, (bool, np.bool_)):
+            raise TypeError(
+                "mask must be a pytree of Python bools (or a callable of the params returning "
+                f"one); at {jax.tree_util.keystr(path)} got {leaf!r}"
+            )
 
 
-def _check_weight(weight: Any) -> Any:
-    if callable(weight):
-        return weight
-    if _is_array(weight):
-        _scalar_array("weight", weight)
-        if _concrete(weight):
-            _checks.finite_float("weight", float(weight))
-        return weight
-    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)):
-        raise TypeError(
-            "weight must be a float, a scalar array or an optax schedule (a callable of the "
-            f"step count), got {weight!r} of type {type(weight).__name__}"
-        )
-    return _checks.finite_float("weight", weight)
+def _check_mask(mask: Any) -> Any:
+    if mask is None or callable(mask):
+        return mask
+    _check_mask_leaves(mask)
+    return mask
 
 
-def _check_every(every: Any) -> Any:
-    if _is_array(every):
-        _scalar_array("every", every)
-        if not jnp.issubdtype(every.dtype, jnp.integer):
-            raise TypeError(f"every must be an integer >= 1, got an array of dtype {every.dtype}")
-        if _concrete(every):
-            _checks.positive_int("every", int(every))
-        return every
-    return _checks.positive_int("every", every)
+def _leaf_flags(mask: Any, params: Any) -> list[bool]:
+    """The mask as one bool per leaf of `params` (the mask may be a prefix tree)."""
+    tree = mask(params) if callable(mask) else mask
+    _check_mask_leaves(tree)
+    try:
+        per_leaf = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), tree, params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"mask must have the tree structure of params, or a prefix of it: {e}"
+        ) from None
+    return [bool(m) for m in jax.tree.leaves(per_leaf)]
 
 
 def dotprod(
@@ -89,6 +87,7 @@ def dotprod(
     every: int | jax.Array = 1,
     scheme: str = "forward",
     batch_axis_name: Hashable | None = None,
+    mask: chex.ArrayTree | Callable[[chex.ArrayTree], chex.ArrayTree] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Meta DotProd: adds the gradient of the dot product between two batch gradients.
 
@@ -127,13 +126,20 @@ def dotprod(
         ``inner_alpha=1e-7`` is reproduced exactly but is only accurate in
         float64: in float32 it is below the resolution of typical weights and
         :math:`G_1G_2` is round-off noise. Ignored by ``scheme="exact"``.
-      weight: the weight of :math:`G_1G_2` (the paper's :math:`LR_{G_1G_2}`,
-        default 0.1): a float, a scalar array, or an optax schedule called with
-        the state's count.
+      weight: the weight :math:`\ge 0` of :math:`G_1G_2` (the paper's
+        learning rate :math:`LR_{G_1G_2}`, default 0.1): a float, a scalar
+        array, or an optax schedule called with the state's count.
       every: apply the regularizer on calls ``count % every == 0`` only, i.e.
         the 1st, (n+1)-th, (2n+1)-th, ... calls (the paper's infrequent
         regularization). The other calls return :math:`\bar G_1 + \bar G_2` and,
-        through ``jax.lax.cond``, never evaluate :math:`G_{2,1}`.
+        through ``jax.lax.cond``, never evaluate :math:`G_{2,1}`. Under
+        ``jax.vmap`` with a batched state (e.g. vmapping ``init`` and
+        ``update`` over seeds), the count and hence the predicate are batched,
+        and JAX turns ``lax.cond`` into a select that runs both branches: the
+        results are the same, but skipped calls pay the full cost of a
+        regularized one. To keep the saving, vmap with the state unbatched
+        (``in_axes=None`` for it: every seed shares the count) or loop over
+        seeds outside ``vmap``.
       scheme: ``"forward"`` (the paper's one-sided difference), ``"central"``
         (:math:`(g(\theta - \alpha\bar G_1) - g(\theta + \alpha\bar G_1))/(2\alpha)`,
         O(alpha**2) accurate, one more gradient) or ``"exact"``
@@ -152,13 +158,34 @@ def dotprod(
         float32 the finite difference divides the round-off of the different
         summation order by the step, so single- and multi-device updates agree
         to about 1e-4 relative, not to float32 precision.
+      mask: regularize a subset :math:`S` of the parameters only, with the
+        convention of ``optax.masked``: a pytree of bools with the structure of
+        the params (or a prefix of it, e.g. ``{"embed": False, "mlp": True}``),
+        or a callable ``mask(params)`` returning one; ``True`` selects a leaf.
+        The difference is then taken along :math:`\bar G_1` restricted to
+        :math:`S` (the other leaves stay at :math:`\theta`, and the automatic
+        step looks at the selected leaves only), so the selected leaves get
+        :math:`\bar G_1 + \bar G_2 - \text{weight}\cdot\bar H_2[S,S]\,\bar G_1[S]`,
+        the update of Algorithm 1 for the loss as a function of the
+        :math:`S` leaves with the others held fixed, and the other leaves get
+        :math:`\bar G_1 + \bar G_2`. ``grad_fn`` still receives and returns
+        the whole parameter tree. ``None`` (default): all leaves. Use this,
+        not ``optax.masked`` / ``optax.multi_transform`` around dotprod: those
+        hide the unselected parameters from ``grad_fn`` (and would give those
+        leaves :math:`\bar G_1` alone), so dotprod raises a ``ValueError``
+        there. ``optax.masked`` / ``multi_transform`` after dotprod in an
+        ``optax.chain`` (e.g. to give the embeddings another optimizer) are
+        fine. Under ``optax.inject_hyperparams``, list a callable mask in
+        ``static_args=("mask",)``, or it is taken for a schedule.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose update is called as
       ``tx.update(g1, state, params, grad_fn=grad_fn)`` (also through
       ``optax.chain``, ``optax.MultiSteps``, ``optax.inject_hyperparams`` and
       ``flax.nnx.Optimizer.update(model, grads, grad_fn=grad_fn)``).
-      `grad_fn(p)` must return a pytree with the structure of `params`. Other
+      `grad_fn(p)` must return a pytree with the structure of `params`; it is
+      called with array leaves (Python-number leaves of `params` and `g1` are
+      converted with ``jnp.asarray``, and ``None`` leaves stay ``None``). Other
       keyword arguments are ignored. Non-finite values in `g1` or in the output of
       `grad_fn` propagate into the update, so ``optax.apply_if_finite`` placed
       after this transformation rejects the step.
@@ -187,10 +214,14 @@ def dotprod(
       between Gradients for Improved Single-Task Regularization
       <https://aclanthology.org/2021.findings-emnlp.37/>`_, Findings of EMNLP 2021.
     """
-    inner_alpha = _check_inner_alpha(inner_alpha)
-    weight = _check_weight(weight)
-    every = _check_every(every)
+    if inner_alpha is not None:
+        inner_alpha = _checks.hyperparameter("inner_alpha", inner_alpha, low=0)
+    weight = _checks.hyperparameter(
+        "weight", weight, low=0, low_inclusive=True, schedule=True, expected=_WEIGHT_TYPES
+    )
+    every = _checks.hyperparameter("every", every, integer=True, low=1, low_inclusive=True)
     scheme = _checks.one_of("scheme", scheme, _SCHEMES)
+    mask = _check_mask(mask)
 
     if batch_axis_name is None:
         reduce = lambda tree: tree
@@ -198,7 +229,7 @@ def dotprod(
         reduce = lambda tree: jax.lax.pmean(tree, batch_axis_name)
 
     def init_fn(params: chex.ArrayTree) -> DotProdState:
-        del params
+        _check_not_masked(params)
         return DotProdState(count=jnp.zeros([], jnp.int32))
 
     def update_fn(
@@ -210,6 +241,7 @@ def dotprod(
         **extra_args: Any,
     ) -> tuple[chex.ArrayTree, DotProdState]:
         del extra_args
+        _check_not_masked(updates, params)
         if grad_fn is None:
             raise ValueError(
                 "dotprod needs grad_fn: call tx.update(g1, state, params, grad_fn=grad_fn) with "
@@ -219,26 +251,48 @@ def dotprod(
         if params is None:
             raise ValueError("dotprod needs params: call tx.update(g1, state, params, grad_fn=...)")
         _checks.same_structure("updates", updates, params)
-        g1 = reduce(updates)
+        params = _as_arrays(params)
+        g1 = reduce(_as_arrays(updates))
         w = weight(state.count) if callable(weight) else weight
+
+        # With a mask, the regularizer acts on the selected leaves S only: the
+        # direction is Ḡ1 on S and 0 elsewhere, so the difference quotient is
+        # −H̄2[S, S]·Ḡ1[S] on S (the DotProd term of the loss as a function of
+        # the S leaves, the others held fixed), and the unselected leaves get
+        # Ḡ1 + Ḡ2 alone.
+        treedef = jax.tree.structure(params)
+        flags = None if mask is None else _leaf_flags(mask, params)
+        if flags is not None and all(flags):
+            flags = None
+        if flags is not None and not any(flags):
+            raise ValueError("mask must select at least one leaf of params, got none selected")
+        if flags is None:
+            keep = jax.tree.unflatten(treedef, [True] * treedef.num_leaves)
+            g1_sel = g1
+        else:
+            keep = jax.tree.unflatten(treedef, flags)
+            g1_sel = jax.tree.map(lambda g, k: g if k else jnp.zeros_like(g), g1, keep)
 
         def grad(p):
             g = grad_fn(p)
             _check_grad_output(g, params)
-            return reduce(g)
+            return reduce(_as_arrays(g))
 
         def total(g2, g1g2=None):
             # Ḡ1 + Ḡ2 first, so that weight = 0 (or a skipped call) gives exactly
             # their sum, while a non-finite G1G2 still propagates (0 * nan = nan).
             if g1g2 is None:
                 return jax.tree.map(lambda a, b: (a + b).astype(a.dtype), g1, g2)
-            return jax.tree.map(lambda a, b, c: (a + b + w * c).astype(a.dtype), g1, g2, g1g2)
+            return jax.tree.map(
+                lambda a, b, c, k: (a + b + w * c if k else a + b).astype(a.dtype),
+                g1, g2, g1g2, keep,
+            )  # fmt: skip
 
         if scheme == "exact":
             # The primal output of the jvp is Ḡ2, so the regularized call costs
             # one gradient-and-HVP pass and no separate gradient.
             def regularized():
-                g2, h_g1 = _hvp_with_grad(grad_fn, params, g1)
+                g2, h_g1 = _hvp_with_grad(grad_fn, params, g1_sel)
                 g2, h_g1 = reduce(g2), reduce(h_g1)
                 return total(g2, jax.tree.map(jnp.negative, h_g1))
 
@@ -250,9 +304,14 @@ def dotprod(
 
             def regularized():
                 # G1G2 = (g(θ − αḠ1) − Ḡ2)/α is the forward difference along −Ḡ1.
-                minus_g1 = jax.tree.map(jnp.negative, g1)
+                minus_g1 = jax.tree.map(jnp.negative, g1_sel)
+                step = inner_alpha
+                if step is None and flags is not None:
+                    # The automatic step of the selected leaves, which alone move.
+                    selected = lambda tree: [x for x, k in zip(jax.tree.leaves(tree), flags) if k]
+                    step = fd_step(selected(params), selected(minus_g1), scheme)
                 g1g2 = _fd_hvp(
-                    grad_fn, params, minus_g1, inner_alpha, scheme, grad_at_params=g2, reduce=reduce
+                    grad_fn, params, minus_g1, step, scheme, grad_at_params=g2, reduce=reduce
                 )
                 return total(g2, g1g2)
 

@@ -19,13 +19,17 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from metagrad import _checks
 
 GradFn = Callable[[chex.ArrayTree], chex.ArrayTree]
 
 _SCHEMES = ("forward", "central")
+
+
+def _as_arrays(tree: Any) -> Any:
+    """Python-number leaves (``{"w": 0.3}``, which optax accepts) as arrays; None stays."""
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), tree)
 
 
 def _check_grad_output(grads: Any, params: Any) -> None:
@@ -154,17 +158,6 @@ def _fd_hvp(
     return jax.tree.map(lambda a, b: (a - b) / (2 * alpha), g_plus, g_minus)
 
 
-def _check_step(step: Any) -> Any:
-    if step is None or isinstance(step, jax.core.Tracer):
-        return step
-    if isinstance(step, (jax.Array, np.ndarray)):
-        if np.shape(step) != ():
-            raise ValueError(f"step must be a scalar, got shape {np.shape(step)}")
-        _checks.positive_float("step", float(step))
-        return step
-    return _checks.positive_float("step", step)
-
-
 def fd_hvp(
     grad_fn: GradFn,
     params: chex.ArrayTree,
@@ -218,8 +211,9 @@ def fd_hvp(
     _checks.callable_("grad_fn", grad_fn)
     _checks.one_of("scheme", scheme, _SCHEMES)
     _checks.same_structure("v", v, params)
-    step = _check_step(step)
-    return _fd_hvp(grad_fn, params, v, step, scheme)
+    if step is not None:
+        step = _checks.hyperparameter("step", step, low=0)
+    return _fd_hvp(grad_fn, _as_arrays(params), _as_arrays(v), step, scheme)
 
 
 def hvp(grad_fn: GradFn, params: chex.ArrayTree, v: chex.ArrayTree) -> chex.ArrayTree:
@@ -256,7 +250,7 @@ def hvp(grad_fn: GradFn, params: chex.ArrayTree, v: chex.ArrayTree) -> chex.Arra
     """
     _checks.callable_("grad_fn", grad_fn)
     _checks.same_structure("v", v, params)
-    return _hvp_with_grad(grad_fn, params, v)[1]
+    return _hvp_with_grad(grad_fn, _as_arrays(params), v)[1]
 
 
 def _hvp_with_grad(grad_fn: GradFn, params: Any, v: Any) -> tuple[Any, Any]:

@@ -50,10 +50,6 @@ class ReptileOuterState(NamedTuple):
     outer_state: optax.OptState
 
 
-def _is_traced_or_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray))
-
-
 def _outer_transform(outer_lr: Any, name: str = "outer_lr") -> optax.GradientTransformation:
     """Turns a float, array, schedule or optax optimizer into the outer optimizer.
 
@@ -63,16 +59,23 @@ def _outer_transform(outer_lr: Any, name: str = "outer_lr") -> optax.GradientTra
     """
     if isinstance(outer_lr, optax.GradientTransformation):
         return outer_lr
-    if _is_traced_or_array(outer_lr):
-        # Under `optax.inject_hyperparams` the rate arrives as an array; its
-        # value cannot be checked when traced.
-        if np.ndim(outer_lr) != 0:
-            raise ValueError(f"{name} must be a scalar, got shape {np.shape(outer_lr)}")
-        return optax.scale_by_learning_rate(outer_lr)
-    if callable(outer_lr):
-        return optax.scale_by_learning_rate(outer_lr)
-    _checks.positive_float(name, outer_lr)
-    return optax.scale_by_learning_rate(float(outer_lr))
+    outer_lr = _checks.hyperparameter(
+        name,
+        outer_lr,
+        low=0,
+        schedule=True,
+        expected="a number > 0, an optax schedule or an optax GradientTransformation",
+    )
+    return optax.scale_by_learning_rate(outer_lr)
+
+
+def _as_arrays(tree: Any) -> Any:
+    # Python-number leaves ({"w": 0.3}), which optax accepts, as strongly typed
+    # arrays, so that the state's dtypes do not change after the first update.
+    def convert(x):
+        return x if isinstance(x, jax.Array) else jnp.asarray(x, jnp.result_type(x))
+
+    return jax.tree.map(convert, tree)
 
 
 def reptile_outer(
@@ -145,7 +148,9 @@ def reptile_outer(
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; ``update`` requires
-      ``params``.
+      ``params``. As in optax, leaves may be Python numbers (turned into
+      arrays of the default float type, so the updates and
+      ``state.outer_params`` are arrays) or ``None``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -172,16 +177,9 @@ def reptile_outer(
       for Multilingual Learning <https://arxiv.org/abs/2110.02600>`_, ICLR 2022.
     """
     _check_inner(inner)
-    if _is_traced_or_array(inner_steps):
-        # Injected as an array by `optax.inject_hyperparams`; checked when concrete.
-        if np.ndim(inner_steps) != 0 or not jnp.issubdtype(
-            jnp.result_type(inner_steps), jnp.integer
-        ):
-            raise TypeError(f"inner_steps must be an integer scalar, got {inner_steps!r}")
-        if not isinstance(inner_steps, jax.core.Tracer) and int(inner_steps) < 1:
-            raise ValueError(f"inner_steps must be an integer >= 1, got {int(inner_steps)}")
-    else:
-        inner_steps = _checks.positive_int("inner_steps", inner_steps)
+    inner_steps = _checks.hyperparameter(
+        "inner_steps", inner_steps, integer=True, low=1, low_inclusive=True
+    )
     _checks.boolean("reset_inner_state", reset_inner_state)
     # η = 1 exactly: φ_new = θ_K with no rounding, so the wrapper reduces to
     # the inner optimizer bit for bit.
@@ -193,9 +191,10 @@ def reptile_outer(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+        params = _as_arrays(params)
         return ReptileOuterState(
             count=jnp.zeros([], jnp.int32),
-            outer_params=jax.tree.map(jnp.asarray, params),
+            outer_params=params,
             inner_state=inner.init(params),
             outer_state=outer.init(params),
         )
@@ -204,6 +203,7 @@ def reptile_outer(
         if params is None:
             raise ValueError("reptile_outer requires params: call update(updates, state, params)")
         _checks.same_structure("updates", updates, params)
+        params, updates = _as_arrays(params), _as_arrays(updates)
         inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         count = state.count + 1
         sync = count >= inner_steps

@@ -146,6 +146,27 @@ def test_every_n(x64, scheme):
     assert counter.n == calls + extra
 
 
+def test_every_under_vmap():
+    # As documented: vmapped with a batched state, the count is batched and lax.cond
+    # becomes a select (both branches run, results unchanged); with the state unbatched
+    # the cond, and its saving, stay.
+    params, g1 = {"w": jnp.array([0.5, -1.0, 2.0])}, {"w": jnp.array([0.2, 0.1, -0.3])}
+    grad_fn = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"]) * jnp.arange(1.0, 4.0)))
+    tx = mg.dotprod(weight=0.5, every=2, scheme="exact")
+    upd = jax.jit(lambda g, s: tx.update(g, s, params, grad_fn=grad_fn)[0])
+    g1s = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), g1)  # three "seeds"
+    counts = mg.DotProdState(count=jnp.array([0, 1, 2], jnp.int32))
+    batched = jax.vmap(upd)
+    got = batched(g1s, counts)
+    for i in range(3):
+        want = upd(jax.tree.map(lambda x, i=i: x[i], g1s), mg.DotProdState(counts.count[i]))
+        np.testing.assert_allclose(flat(jax.tree.map(lambda x, i=i: x[i], got)), flat(want),
+                                   rtol=1e-6)  # fmt: skip
+    assert "cond[" not in str(jax.make_jaxpr(batched)(g1s, counts))
+    shared = jax.vmap(upd, in_axes=(0, None))
+    assert str(jax.make_jaxpr(shared)(g1s, mg.DotProdState(jnp.int32(1)))).count("cond[") == 1
+
+
 @pytest.mark.parametrize("scheme", ["forward", "central", "exact"])
 def test_preserves_dtype(scheme):
     params, g1, grad_fn = tanh_problem(jnp.bfloat16, sizes=(4, 8, 1))

@@ -57,9 +57,11 @@ SCRIPT = textwrap.dedent(
         return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-    def run(dtype, scheme, every, modes, calls):
+    def run(dtype, scheme, every, modes, calls, mask=None):
         params, b1, b2 = problem(dtype)
         kwargs = dict(weight=0.5, every=every, scheme=scheme)
+        if mask is not None:
+            kwargs["mask"] = mask
         single = mg.dotprod(**kwargs)
         state = single.init(params)
         refs = []
@@ -104,7 +106,8 @@ SCRIPT = textwrap.dedent(
                               for d in range(N_DEV))
                 else:
                     err = rel(flat(upd), refs[i])
-                out[f"{jnp.dtype(dtype).name}/{scheme}/every={every}/{mode}/call={i}"] = err
+                masked = "" if mask is None else "/mask"
+                out[f"{jnp.dtype(dtype).name}/{scheme}/every={every}{masked}/{mode}/call={i}"] = err
         return out
 
 
@@ -115,6 +118,9 @@ SCRIPT = textwrap.dedent(
     for scheme in ("forward", "central", "exact"):
         errors.update(run(jnp.float64, scheme, 1, ["pmap", "shard_map_vma"], 1))
     errors.update(run(jnp.float64, "forward", 2, ["shard_map"], 2))
+    # mask= (the second layer only): the selection is static, the pmean is over whole trees.
+    mask = {"w1": False, "b1": False, "w2": True, "b2": True}
+    errors.update(run(jnp.float64, "forward", 1, ["pmap", "shard_map_vma"], 1, mask=mask))
     print("RESULT " + json.dumps(errors))
     """
 )
@@ -126,7 +132,7 @@ def errors():
 
 
 def test_cases_ran(errors):
-    assert len(errors) == 12
+    assert len(errors) == 14
 
 
 def test_multidevice_matches_one_device_on_combined_batches(errors):
