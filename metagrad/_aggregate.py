@@ -11,7 +11,6 @@ write instead.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,44 +26,6 @@ EXACT = jax.lax.Precision.HIGHEST
 
 # ---------------------------------------------------------------------------------------------
 # Hyper-parameters.
-
-
-def hyperparam(name: str, value: Any, check: Callable[[str, Any], Any]) -> Any:
-    """Checks a numeric hyper-parameter given as a number, a concrete array or a tracer.
-
-    Python numbers and concrete scalar arrays (e.g. ``jnp.array(0.1)``, or the values
-    `optax.inject_hyperparams` passes outside `jax.jit`) are checked by value with `check`; a
-    tracer (an injected hyper-parameter inside `jax.jit`) has no value to check, so only its
-    shape is checked and it passes through. Arrays are returned unchanged (dtype kept).
-
-    This plays the role of the library-wide hyper-parameter check; it keeps its own name so the
-    aggregators can be switched to the shared one in one place.
-    """
-    if isinstance(value, (jax.Array, np.ndarray)):
-        if np.ndim(value) != 0:
-            raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
-        if isinstance(value, jax.core.Tracer):
-            return value
-        if jnp.issubdtype(value.dtype, jnp.floating):
-            check(name, float(value))
-        elif jnp.issubdtype(value.dtype, jnp.integer) and value.dtype != jnp.bool_:
-            check(name, int(value))
-        else:
-            raise TypeError(f"{name} must be a real number, got an array of dtype {value.dtype}")
-        return value
-    return check(name, value)
-
-
-def nonnegative(name: str, value: Any) -> float:
-    return _checks.positive_float(name, value, allow_zero=True)
-
-
-def unit_interval(name: str, value: Any) -> float:
-    """A number in (0, 1]."""
-    value = _checks.positive_float(name, value)
-    if value > 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return value
 
 
 def num_tasks_arg(value: Any) -> int:

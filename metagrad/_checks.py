@@ -19,12 +19,18 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def _range_text(low: float | None, low_inclusive: bool, high: float | None) -> str:
+def _range_text(
+    low: float | None, low_inclusive: bool, high: float | None, high_inclusive: bool = True
+) -> str:
     if low is not None and high is not None:
-        return f"in {'[' if low_inclusive else '('}{low:g}, {high:g}]"
+        return (
+            f"in {'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+        )
     if low is not None:
         return f"{'>=' if low_inclusive else '>'} {low:g}"
-    return f"<= {high:g}" if high is not None else ""
+    if high is not None:
+        return f"{'<=' if high_inclusive else '<'} {high:g}"
+    return ""
 
 
 def _check_value(
@@ -35,17 +41,17 @@ def _check_value(
     low: float | None,
     low_inclusive: bool,
     high: float | None,
+    high_inclusive: bool,
 ) -> None:
     """Range checks on a known value (from a Python number or a concrete array)."""
     if not integer and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     too_low = low is not None and (value < low if low_inclusive else value <= low)
-    too_high = high is not None and value > high
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:
         kind = "an integer " if integer else ""
-        raise ValueError(
-            f"{name} must be {kind}{_range_text(low, low_inclusive, high)}, got {value}"
-        )
+        text = _range_text(low, low_inclusive, high, high_inclusive)
+        raise ValueError(f"{name} must be {kind}{text}, got {value}")
 
 
 def hyperparameter(
@@ -56,6 +62,7 @@ def hyperparameter(
     low: float | None = None,
     low_inclusive: bool = False,
     high: float | None = None,
+    high_inclusive: bool = True,
     schedule: bool = False,
     expected: str | None = None,
 ) -> Any:
@@ -75,7 +82,7 @@ def hyperparameter(
 
     Values must be finite; ``integer=True`` asks for an integer; ``low`` and
     ``high`` bound the value (``low`` exclusive unless ``low_inclusive``,
-    ``high`` inclusive).
+    ``high`` inclusive unless ``high_inclusive`` is False).
 
     Args:
       name: the parameter's name, which starts every error message.
@@ -83,7 +90,8 @@ def hyperparameter(
       integer: whether the hyper-parameter is an integer (a count or period).
       low: lower bound, or None.
       low_inclusive: whether ``value == low`` is allowed.
-      high: inclusive upper bound, or None.
+      high: upper bound, or None.
+      high_inclusive: whether ``value == high`` is allowed.
       schedule: whether a callable (an optax schedule) is allowed.
       expected: what to say a wrong type should have been; by default "an
         integer >= ..." or "a number".
@@ -97,10 +105,13 @@ def hyperparameter(
       ValueError: a non-scalar array, or a known value that is non-finite or
         out of range.
     """
-    bounds = dict(integer=integer, low=low, low_inclusive=low_inclusive, high=high)
+    bounds = dict(
+        integer=integer, low=low, low_inclusive=low_inclusive, high=high,
+        high_inclusive=high_inclusive,
+    )  # fmt: skip
     if expected is None:
         expected = (
-            f"an integer {_range_text(low, low_inclusive, high)}".rstrip()
+            f"an integer {_range_text(low, low_inclusive, high, high_inclusive)}".rstrip()
             if integer
             else "a number"
         )

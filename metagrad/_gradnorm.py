@@ -18,16 +18,9 @@ import numpy as np
 import optax
 
 from metagrad import _aggregate, _checks
-from metagrad._aggregate import check_task_axis, combine, hyperparam
+from metagrad._aggregate import check_task_axis, combine
 
 _WEIGHT_UPDATES = ("clip", "log")
-
-
-def _open_unit_interval(name: str, value: Any) -> float:
-    value = _checks.positive_float(name, value)
-    if value >= 1.0:
-        raise ValueError(f"{name} must be in (0, 1), got {value}")
-    return value
 
 
 class GradNormState(NamedTuple):
@@ -116,14 +109,16 @@ def gradnorm(
       Multitask Networks <https://arxiv.org/abs/1711.02257>`_, ICML 2018 (Algorithm 1).
     """
     num_tasks = _aggregate.num_tasks_arg(num_tasks)
-    alpha = hyperparam("alpha", alpha, _aggregate.nonnegative)
+    alpha = _checks.hyperparameter("alpha", alpha, low=0, low_inclusive=True)
     if isinstance(learning_rate, optax.GradientTransformation):
         weight_opt = learning_rate
     else:
-        weight_opt = optax.sgd(hyperparam("learning_rate", learning_rate, _checks.positive_float))
+        weight_opt = optax.sgd(_checks.hyperparameter("learning_rate", learning_rate, low=0))
     _aggregate.check_reduction(reduction)
     _checks.one_of("weight_update", weight_update, _WEIGHT_UPDATES)
-    min_weight = hyperparam("min_weight", min_weight, _open_unit_interval)
+    min_weight = _checks.hyperparameter(
+        "min_weight", min_weight, low=0, high=1, high_inclusive=False
+    )
     if norm_mask is not None and not callable(norm_mask):
         for leaf in jax.tree.leaves(norm_mask):
             if not isinstance(leaf, (bool, np.bool_)):

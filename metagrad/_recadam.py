@@ -16,14 +16,9 @@ import jax.numpy as jnp
 import optax
 
 from metagrad import _checks
-from metagrad._aggregate import hyperparam, nonnegative
 
-
-def _decay(name: str, value: Any) -> float:
-    value = nonnegative(name, value)
-    if value >= 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return value
+# Adam decay rates: in [0, 1).
+_DECAY = dict(low=0, low_inclusive=True, high=1, high_inclusive=False)
 
 
 class RecAdamState(NamedTuple):
@@ -96,13 +91,15 @@ def recadam(
       Forgetting <https://arxiv.org/abs/2004.12651>`_, EMNLP 2020.
     """
     if not callable(learning_rate):
-        learning_rate = hyperparam("learning_rate", learning_rate, _checks.positive_float)
-    anneal_k = hyperparam("anneal_k", anneal_k, _checks.positive_float)
-    anneal_t0 = hyperparam("anneal_t0", anneal_t0, _checks.finite_float)
-    pretrain_coef = hyperparam("pretrain_coef", pretrain_coef, nonnegative)
-    b1 = hyperparam("b1", b1, _decay)
-    b2 = hyperparam("b2", b2, _decay)
-    eps = hyperparam("eps", eps, nonnegative)
+        learning_rate = _checks.hyperparameter("learning_rate", learning_rate, low=0)
+    anneal_k = _checks.hyperparameter("anneal_k", anneal_k, low=0)
+    anneal_t0 = _checks.hyperparameter("anneal_t0", anneal_t0)
+    pretrain_coef = _checks.hyperparameter(
+        "pretrain_coef", pretrain_coef, low=0, low_inclusive=True
+    )
+    b1 = _checks.hyperparameter("b1", b1, **_DECAY)
+    b2 = _checks.hyperparameter("b2", b2, **_DECAY)
+    eps = _checks.hyperparameter("eps", eps, low=0, low_inclusive=True)
     adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
     def init_fn(params):

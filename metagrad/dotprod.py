@@ -308,7 +308,10 @@ def dotprod(
                 step = inner_alpha
                 if step is None and flags is not None:
                     # The automatic step of the selected leaves, which alone move.
-                    selected = lambda tree: [x for x, k in zip(jax.tree.leaves(tree), flags) if k]
+                    def selected(tree):
+                        leaves = jax.tree.leaves(tree)
+                        return [x for x, k in zip(leaves, flags, strict=True) if k]
+
                     step = fd_step(selected(params), selected(minus_g1), scheme)
                 g1g2 = _fd_hvp(
                     grad_fn, params, minus_g1, step, scheme, grad_at_params=g2, reduce=reduce

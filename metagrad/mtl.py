@@ -48,7 +48,7 @@ import optax
 from metagrad import _aggregate, _checks
 from metagrad._aggregate import EXACT as _EXACT
 from metagrad._aggregate import check_reduction as _check_reduction
-from metagrad._aggregate import check_task_axis, combine, hyperparam, keep_state_if_finite
+from metagrad._aggregate import check_task_axis, combine, keep_state_if_finite
 from metagrad._aggregate import reduce as _reduce
 
 _GRANULARITIES = ("global", "leaf")
@@ -326,8 +326,8 @@ def gradvac(
       Massively Multilingual Models <https://arxiv.org/abs/2010.05874>`_, ICLR 2021.
     """
     num_tasks = _aggregate.num_tasks_arg(num_tasks)
-    beta = hyperparam("beta", beta, _aggregate.unit_interval)
-    eps = hyperparam("eps", eps, _aggregate.nonnegative)
+    beta = _checks.hyperparameter("beta", beta, low=0, high=1)
+    eps = _checks.hyperparameter("eps", eps, low=0, low_inclusive=True)
     key0 = _key_from_seed(seed)
     _check_reduction(reduction)
     _checks.one_of("granularity", granularity, _GRANULARITIES)

@@ -257,7 +257,7 @@ def test_gradnorm_weights_stay_positive_with_far_apart_norms(x64, mode):
         (lambda: mg.recadam(0.1, anneal_t0=jnp.array(jnp.inf)), "anneal_t0 must be finite"),
         (lambda: mg.recadam(0.1, pretrain_coef=jnp.array(-1.0)), "pretrain_coef must be >= 0"),
         (lambda: mg.recadam(0.1, b2=jnp.array(1.0)), r"b2 must be in \[0, 1\)"),
-        (lambda: mg.recadam(0.1, b1=-0.1), "b1 must be >= 0"),
+        (lambda: mg.recadam(0.1, b1=-0.1), r"b1 must be in \[0, 1\)"),
     ],
 )
 def test_array_hyperparameters_are_checked(make, match):
