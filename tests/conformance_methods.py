@@ -302,6 +302,15 @@ def transform_step(method: Method, opt, loss_fn=loss, axis=None):
     return step
 
 
+# The battery compiles a few hundred tiny programs; XLA's backend optimizations cost more
+# than they save on them (measured: about 30% less compile time for a MAML step).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit(fn):
+    return jax.jit(fn, compiler_options=FAST_COMPILE)
+
+
 def meta_step(learner):
     def step(state, batch):
         return learner.step(state, batch)[0]
@@ -314,8 +323,14 @@ class Harness:
     """A method ready to run: ``init(params) -> carry``, ``step(carry, batch) -> carry``."""
 
     init: Callable[[Any], Any]
-    step: Callable[[Any, Any], Any]
+    step: Callable[[Any, Any], Any]  # not jitted itself (meta: calls the learner's jit)
     params: Callable[[Any], Any]
+    fast: Callable[[Any, Any], Any] | None = None  # `step` jitted, for the runs
+
+    def __post_init__(self):
+        # Meta: the learner's jitted step inlined into one program compiled with
+        # FAST_COMPILE. Transformations run their few steps eagerly.
+        self.fast = self.fast or self.step
 
 
 def harness(method: Method, *, axis=None, outer=None, inject=False, guard=False, loss_fn=loss):
@@ -326,7 +341,8 @@ def harness(method: Method, *, axis=None, outer=None, inject=False, guard=False,
         if inject:
             outer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
         learner = _learner(*method.name.split("/"), loss_fn=loss_fn)(outer, axis, inject)
-        return Harness(learner.init, meta_step(learner), lambda s: s.params)
+        step = meta_step(learner)
+        return Harness(learner.init, step, lambda s: s.params, jit(step))
     opt = optimizer(method, axis, inject=inject, guard=guard) if outer is None else outer
     return Harness(
         lambda p: (p, opt.init(p)), transform_step(method, opt, loss_fn, axis), lambda c: c[0]
@@ -335,7 +351,7 @@ def harness(method: Method, *, axis=None, outer=None, inject=False, guard=False,
 
 def run(h: Harness, params, batches, step=None):
     """The carries of a run: ``[c0, c1, ...]``, one per batch."""
-    step = step or h.step
+    step = step or h.fast
     carries = [h.init(params)]
     for batch in batches:
         carries.append(step(carries[-1], batch))
