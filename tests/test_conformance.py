@@ -27,7 +27,7 @@ hand-computed composition, the float64 run, the uninterrupted run, one device):
   construct      (combinations that cannot exist) the constructor raises a clear error
 
 A cell that fails on today's main because of a bug another branch fixes is marked in
-`KNOWN_FAILURES` below: strict xfails, so a fixed cell shows up as XPASS and its mark can go.
+`_KNOWN_FAILURES` below: strict xfails, so a fixed cell shows up as XPASS and its mark can go.
 """
 
 from __future__ import annotations
