@@ -95,16 +95,22 @@ BUDGETS = {
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "--digits-seeds", type=int, default=None, help="seeds (default: tiny 2, quick 5, full 10)"
+        "--digits-seeds",
+        type=runner.int_at_least(2),
+        default=None,
+        help="seeds (>= 2; default: tiny 2, quick 5, full 10)",
     )
     parser.add_argument(
         "--digits-batches",
-        type=int,
+        type=runner.int_at_least(1),
         default=None,
         help="batches of 32 consumed per run (default: tiny 40, quick 1600, full 10000)",
     )
     parser.add_argument(
-        "--digits-train-size", type=int, default=500, help="training examples (default: 500)"
+        "--digits-train-size",
+        type=runner.int_at_least(1),
+        default=500,
+        help="training examples (default: 500)",
     )
     parser.add_argument(
         "--digits-methods",

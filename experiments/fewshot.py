@@ -295,13 +295,17 @@ def add_arguments(parser) -> None:
         default=None,
         help="directory to save/load the class index (labels read once per dataset)",
     )
-    parser.add_argument("--fewshot-ways", type=int, default=5, help="N (default: 5)")
-    parser.add_argument("--fewshot-shots", type=int, default=1, help="K (default: 1)")
+    at_least = runner.int_at_least
+    parser.add_argument("--fewshot-ways", type=at_least(2), default=5, help="N (default: 5)")
+    parser.add_argument("--fewshot-shots", type=at_least(1), default=1, help="K (default: 1)")
     parser.add_argument(
         "--fewshot-methods", nargs="+", choices=METHODS, default=None, help="default: all"
     )
     parser.add_argument(
-        "--fewshot-iterations", type=int, default=None, help="meta-iterations (default by budget)"
+        "--fewshot-iterations",
+        type=at_least(1),
+        default=None,
+        help="meta-iterations (default by budget)",
     )
 
 

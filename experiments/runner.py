@@ -26,6 +26,7 @@ import datetime
 import importlib
 import json
 import math
+import os
 import pathlib
 import platform
 import sys
@@ -86,12 +87,50 @@ def discover(registry: dict[str, tuple[str, bool]] | None = None) -> dict[str, E
 
 
 def _parse_names(values: Sequence[str] | None) -> list[str] | None:
+    """The names given to ``--only``, split on commas, each once, in first-seen order."""
     if values is None:
         return None
-    names = []
+    names: list[str] = []
     for v in values:
-        names.extend(n for n in v.split(",") if n)
+        names.extend(n for n in v.split(",") if n and n not in names)
     return names
+
+
+def int_at_least(minimum: int):
+    """An argparse ``type`` for integers >= `minimum`; a smaller value is a usage error.
+
+    Use it for every count an experiment takes from the command line, with the same bound
+    in the option's help, so the help and the check cannot disagree.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _check_out(out: pathlib.Path) -> str | None:
+    """Why `out` cannot be the output directory (None if it can): tried before any run.
+
+    Creates the directory (and its parents) and writes a probe file in it, so a path under
+    a file, an existing file, or a directory without write permission is found up front
+    instead of as a traceback after the first experiment.
+    """
+    if out.exists() and not out.is_dir():
+        return f"{str(out)!r} exists and is not a directory"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write to directory {str(out)!r}: {e.strerror or e}"
+    return None
 
 
 class _Group:
@@ -319,7 +358,9 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
         parser.error(f"--only: unknown experiment(s) {unknown}; choose from {list(experiments)}")
 
     out = pathlib.Path(args.out) if args.out else _default_out()
-    out.mkdir(parents=True, exist_ok=True)
+    problem = _check_out(out)
+    if problem:
+        parser.error(f"--out: {problem}")
     if not args.out:
         _link_latest(out)
     print(f"metagrad experiments: {', '.join(names)} | budget={args.budget} seed={args.seed}")

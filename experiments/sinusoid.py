@@ -115,7 +115,7 @@ BUDGETS = {
 def add_arguments(parser) -> None:
     parser.add_argument(
         "--sinusoid-iterations",
-        type=int,
+        type=runner.int_at_least(1),
         default=None,
         help="meta-iterations per method (default by budget: tiny 20, quick 4000, full 70000)",
     )
@@ -128,13 +128,13 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--sinusoid-train-shots",
-        type=int,
+        type=runner.int_at_least(1),
         default=10,
         help="K support (and query) points per meta-training task (default: 10)",
     )
     parser.add_argument(
         "--sinusoid-test-tasks",
-        type=int,
+        type=runner.int_at_least(1),
         default=None,
         help="test tasks for the evaluation (default by budget: tiny 100, else 1000)",
     )

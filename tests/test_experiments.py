@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import pathlib
 import sys
 import types
 
@@ -188,3 +190,114 @@ def test_format_table_merges_error_columns():
 def test_default_suite_is_what_the_readme_promises():
     assert DEFAULT_SUITE[:3] == ["synthetic", "sinusoid", "digits"]
     assert "fewshot" not in DEFAULT_SUITE
+
+
+# -- command-line validation (parse and validate only: no experiment runs) -------------------
+
+
+def _usage_error(capsys, argv, registry=None):
+    """Runs the CLI expecting an argparse usage error; returns its stderr."""
+    with pytest.raises(SystemExit) as e:
+        runner.main(argv, registry=registry)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def _counting_registry(monkeypatch, calls):
+    module = types.ModuleType("tests._counting_experiment")
+    module.DESCRIPTION = "counts its runs"
+
+    def run(out_dir, **kwargs):
+        calls.append(pathlib.Path(out_dir).name)
+        return [{"method": "m", "value": 1.0}]
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return {"a": (module.__name__, True), "b": (module.__name__, True)}
+
+
+def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    calls = []
+    registry = _counting_registry(monkeypatch, calls)
+    target = tmp_path / "results.txt"
+    target.write_text("not a directory")
+    err = _usage_error(capsys, ["--out", str(target), "--no-progress"], registry)
+    assert "--out" in err and "not a directory" in err
+    # Under a file: the directory cannot be created.
+    err = _usage_error(capsys, ["--out", str(target / "sub"), "--no-progress"], registry)
+    assert "--out" in err and "cannot write" in err
+    assert calls == [] and target.read_text() == "not a directory"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root can write anywhere"
+)
+def test_unwritable_out_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    calls = []
+    registry = _counting_registry(monkeypatch, calls)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        err = _usage_error(capsys, ["--out", str(locked / "run"), "--no-progress"], registry)
+        assert "--out" in err and "cannot write" in err
+        err = _usage_error(capsys, ["--out", str(locked), "--no-progress"], registry)
+        assert "--out" in err and "cannot write" in err
+    finally:
+        locked.chmod(0o700)
+    assert calls == []
+
+
+def test_unwritable_out_is_found_before_any_run(tmp_path, capsys, monkeypatch):
+    # The same check, forced through a failing probe write (works as root too).
+    calls = []
+    registry = _counting_registry(monkeypatch, calls)
+    original = pathlib.Path.write_text
+
+    def refuse(self, *args, **kwargs):
+        if self.name.startswith(".write-test-"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", refuse)
+    err = _usage_error(capsys, ["--out", str(tmp_path / "out"), "--no-progress"], registry)
+    assert "--out" in err and "Permission denied" in err
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--grad-share-seeds", "1"], "--grad-share-seeds: must be >= 2, got 1"),
+        (["--grad-share-seeds", "0"], "--grad-share-seeds: must be >= 2, got 0"),
+        (["--grad-share-steps", "0"], "--grad-share-steps: must be >= 1, got 0"),
+        (["--digits-seeds", "1"], "--digits-seeds: must be >= 2, got 1"),
+        (["--sinusoid-iterations", "-5"], "--sinusoid-iterations: must be >= 1, got -5"),
+        (["--fewshot-ways", "1"], "--fewshot-ways: must be >= 2, got 1"),
+        (["--grad-share-seeds", "two"], "--grad-share-seeds: expected an integer, got 'two'"),
+    ],
+)
+def test_counts_below_their_documented_minimum_are_usage_errors(capsys, argv, message):
+    err = _usage_error(capsys, ["--list", *argv])
+    assert message in err
+
+
+def test_help_states_the_minimum_that_is_checked(capsys):
+    with pytest.raises(SystemExit):
+        runner.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "seeds (>= 2; default: tiny 2, quick 3, full 5)" in text
+    args = runner.build_parser(runner.discover()).parse_args(["--grad-share-seeds", "2"])
+    assert args.grad_share_seeds == 2
+
+
+def test_a_name_repeated_in_only_runs_once(tmp_path, monkeypatch):
+    calls = []
+    registry = _counting_registry(monkeypatch, calls)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--no-progress", "--only", "b", "a,b", "b,,a"]
+    assert runner.main(argv, registry=registry) == 0
+    assert calls == ["b", "a"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["experiments"] == ["b", "a"]
+    assert [r["experiment"] for r in results["rows"]] == ["b", "a"]
