@@ -126,7 +126,8 @@ def recadam(
 
         def step(d, p, anchor):
             pull = pretrain_coef * (p - anchor)
-            return (-lr * (lam * d + (1.0 - lam) * pull)).astype(p.dtype)
+            # jnp.result_type: a Python-number leaf (which optax accepts) has no dtype.
+            return (-lr * (lam * d + (1.0 - lam) * pull)).astype(jnp.result_type(p))
 
         new_updates = jax.tree.map(step, direction, params, state.pretrained)
         return new_updates, RecAdamState(count=count, adam=adam_state, pretrained=state.pretrained)

@@ -193,11 +193,12 @@ METHODS: list[Method] = [
     Method("recadam", "transform", _recadam, "one",
            {"learning_rate": 0.05, "pretrain_coef": 1.0}, tail=False,
            bad=("learning_rate", -0.1)),
-    Method("mtl_sum", "aggregator", _mtl_sum, "tasks"),
-    Method("pcgrad", "aggregator", _pcgrad, "tasks"),
-    Method("gradvac", "aggregator", _gradvac, "tasks", {"beta": 0.5}, bad=("beta", 2.0)),
+    Method("mtl_sum", "aggregator", _mtl_sum, "tasks", guard="after"),
+    Method("pcgrad", "aggregator", _pcgrad, "tasks", guard="after"),
+    Method("gradvac", "aggregator", _gradvac, "tasks", {"beta": 0.5}, guard="after",
+           bad=("beta", 2.0)),
     Method("gradnorm", "aggregator", _gradnorm, "tasks", {"alpha": 1.5, "learning_rate": 0.1},
-           losses=True, bad=("alpha", -1.0)),
+           losses=True, guard="after", bad=("alpha", -1.0)),
     *[_meta(learner, inner) for learner in ("maml", "fomaml", "reptile", "seq_reptile")
       for inner in INNERS],
 ]  # fmt: skip
