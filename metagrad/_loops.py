@@ -25,11 +25,13 @@ from metagrad import _checks
 TASK_LOOPS = ("auto", "vmap", "map", "unroll")
 STEP_LOOPS = ("auto", "scan", "unroll")
 
-# On XLA's CPU backend, the largest number of inner-step copies an "auto" program unrolls
-# (inner steps unrolled times tasks unrolled). Compile time grows linearly with it (about
-# 0.3 s per copy of a second-order Conv-4 step, see `resolve`); beyond it the steps run in
-# `lax.scan`.
-CPU_UNROLL_BUDGET = 40
+# On XLA's CPU backend, the largest unrolled program "auto" builds, in equations of the loss's
+# jaxpr times inner-step copies (steps unrolled times tasks unrolled). Compile time grows
+# linearly with it: a second-order Conv-4 step (a 63-equation loss) compiled in 12 s of CPU
+# time with 4 copies and 48 s with 40 copies (2,520 equations) on the project's 2-core CPU.
+# Beyond the budget the inner steps run in `lax.scan`.
+CPU_UNROLL_BUDGET = 2600
+
 
 def check(task_loop: Any, step_loop: Any) -> None:
     """Raises a ValueError naming the parameter if a strategy is not a known one."""
@@ -37,30 +39,35 @@ def check(task_loop: Any, step_loop: Any) -> None:
     _checks.one_of("step_loop", step_loop, STEP_LOOPS)
 
 
-def has_convolution(jaxpr: Any) -> bool:
-    """Whether a (closed) jaxpr contains a convolution, sub-jaxprs included."""
+def loss_stats(jaxpr: Any) -> tuple[bool, int]:
+    """Whether a (closed) jaxpr contains a convolution, and its number of equations, both
+    counting sub-jaxprs (scan or cond bodies, custom derivatives)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    conv, size = False, 0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            return True
+        size += 1
+        conv = conv or eqn.primitive.name == "conv_general_dilated"
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and has_convolution(inner):
-                    return True
-    return False
+                if hasattr(inner, "eqns"):
+                    sub_conv, sub_size = loss_stats(inner)
+                    conv, size = conv or sub_conv, size + sub_size
+    return conv, size
 
 
 def resolve(
-    task_loop: str, step_loop: str, *, num_tasks: int, num_steps: int, convolution: bool
+    task_loop: str, step_loop: str, *, num_tasks: int, num_steps: int, jaxpr: Any
 ) -> tuple[str, str]:
-    """Resolves ``"auto"`` strategies (see `AUTO_RULE_DOC`); other values pass through."""
+    """Resolves ``"auto"`` strategies from the loss's jaxpr (the rule is documented in
+    `metagrad.maml`); other values pass through."""
     cpu = jax.default_backend() == "cpu"
+    convolution, size = loss_stats(jaxpr)
     if task_loop == "auto":
         task_loop = "unroll" if cpu and convolution else "vmap"
     if step_loop == "auto":
         copies = num_steps * (num_tasks if task_loop == "unroll" else 1)
-        step_loop = "unroll" if cpu and copies <= CPU_UNROLL_BUDGET else "scan"
+        step_loop = "unroll" if cpu and copies * size <= CPU_UNROLL_BUDGET else "scan"
     return task_loop, step_loop
 
 

@@ -48,6 +48,15 @@ def _check_leading_axis(name: str, tree: Any, size: int, what: str) -> None:
             )
 
 
+def _varying_axes(x: Any) -> frozenset:
+    """The mapped axes a value is typed as varying over (empty outside `jax.shard_map`)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # JAX <= 0.8
+    if vma is None:  # later JAX: ShapedArray.manual_axis_type.varying
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    return frozenset(vma)
+
+
 def to_varying(tree: Any, axis_name: str | None) -> Any:
     """Marks `tree` as varying over the mapped axis ``axis_name`` (private helper).
 
@@ -65,7 +74,7 @@ def to_varying(tree: Any, axis_name: str | None) -> Any:
         return tree
 
     def leaf(x):
-        if axis_name in getattr(jax.typeof(x), "vma", frozenset()):
+        if axis_name in _varying_axes(x):
             return x
         return pcast(x, axis_name, to="varying")
 
@@ -85,7 +94,7 @@ def to_invariant(tree: Any, axis_name: str | None) -> Any:
         return tree
 
     def leaf(x):
-        if axis_name not in getattr(jax.typeof(x), "vma", frozenset()):
+        if axis_name not in _varying_axes(x):
             return x
         if jnp.issubdtype(x.dtype, jnp.inexact):
             return jax.lax.pmean(x, axis_name)

@@ -119,9 +119,9 @@ def _describe(tree: Any) -> str:
     return str(jax.tree.map(leaf, tree))
 
 
-def _check_loss(loss_fn: LossFn, params: Any, tasks: Any) -> bool:
+def _check_loss(loss_fn: LossFn, params: Any, tasks: Any) -> Any:
     """Traces ``loss_fn`` on task 0's support batch: checks that it applies and returns a
-    scalar; returns whether it contains a convolution (for the "auto" strategies)."""
+    scalar; returns its jaxpr (for the "auto" strategies)."""
     batch = jax.tree.map(lambda x: x[0], tasks[0])
     try:
         jaxpr, out = _loops.trace_loss(loss_fn, params, batch)
@@ -138,7 +138,7 @@ def _check_loss(loss_fn: LossFn, params: Any, tasks: Any) -> bool:
             f"loss_fn must return a scalar, got an output of shape {shape} "
             f"({_describe(out)}) on task 0's support batch"
         )
-    return _loops.has_convolution(jaxpr)
+    return jaxpr
 
 
 def _mean_pairwise_cosine(grads: Any) -> jax.Array:
@@ -326,8 +326,10 @@ def maml(
       (vmapping a convolution over per-task weights makes a grouped convolution, which
       XLA's CPU backend runs several times slower than T plain ones, and a convolution
       inside a loop body (``"map"``, ``"scan"``) is slower too; small dense models are
-      faster batched); ``step_loop="unroll"`` while K times the number of unrolled tasks
-      is at most 40, else ``"scan"`` (compile time grows with the unrolled size).
+      faster batched); ``step_loop="unroll"`` while the unrolled program stays small:
+      K × (T if the tasks are unrolled, else 1) × (the number of equations in the loss's
+      jaxpr) <= 2600, about 40 copies of a Conv-4 step; else ``"scan"``. Compile time
+      grows linearly with the unrolled size.
     - GPU / TPU: ``task_loop="vmap"``, ``step_loop="scan"`` (the conventional batched
       program; not measured by us).
 
@@ -413,9 +415,9 @@ def maml(
 
     def step(state, tasks):
         support, query, num_tasks = _check_tasks(tasks)
-        conv = _check_loss(loss_fn, state.params, tasks)
+        jaxpr = _check_loss(loss_fn, state.params, tasks)
         loops = _loops.resolve(
-            task_loop, step_loop, num_tasks=num_tasks, num_steps=inner_steps, convolution=conv
+            task_loop, step_loop, num_tasks=num_tasks, num_steps=inner_steps, jaxpr=jaxpr
         )
         run_tasks = _loops.TaskLoop(loops[0], num_tasks)
         carry0, restore_carry = loop_carry(jax.lax.stop_gradient(state.carry))
@@ -489,10 +491,8 @@ def maml(
         support = jax.tree.map(lambda x: jnp.asarray(x)[None], support)
         istate = start_state(state, 1)
         carry, _ = loop_carry(eval_carry(state.carry))
-        conv = _check_loss(loss_fn, state.params, (support, support))
-        loops = _loops.resolve(
-            task_loop, step_loop, num_tasks=1, num_steps=num_steps, convolution=conv
-        )
+        jaxpr = _check_loss(loss_fn, state.params, (support, support))
+        loops = _loops.resolve(task_loop, step_loop, num_tasks=1, num_steps=num_steps, jaxpr=jaxpr)
         params_t, *_ = _inner_loop(
             loss_fn, rule, state.params, state.inner_params, carry, istate,
             support, None, num_steps, first_order=True, remat=False, step_query=False,

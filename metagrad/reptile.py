@@ -433,13 +433,12 @@ def reptile(
         phi = state.params
         inner_state = inner.init(phi) if reset_inner_state else state.inner_state
         one = jax.tree.map(lambda x: x[0, 0] if batch_per_step else x[0], tasks)
-        jaxpr = _loops.trace_loss(loss_fn, phi, one)[0]
         task_mode, step_mode = _loops.resolve(
             task_loop,
             step_loop,
             num_tasks=num_tasks,
             num_steps=inner_steps,
-            convolution=_loops.has_convolution(jaxpr),
+            jaxpr=_loops.trace_loss(loss_fn, phi, one)[0],
         )
 
         def task_run(start, batches):

@@ -90,8 +90,8 @@ def seq_reptile(
         runs one trajectory, with no task axis to execute, so it has no
         effect.
       step_loop: how the K inner steps are executed: ``"scan"``,
-        ``"unroll"`` or ``"auto"`` (on CPU unrolled while K <= 40, else a
-        scan; a scan on GPU/TPU), as in `metagrad.maml`. Every strategy gives
+        ``"unroll"`` or ``"auto"`` (on CPU unrolled while the unrolled program
+        is small, else a scan; a scan on GPU/TPU; the rule of `metagrad.maml`). Every strategy gives
         the same numbers.
 
     A non-finite batch loss makes the meta-gradient non-finite; pass
@@ -173,8 +173,13 @@ def seq_reptile(
         tagged = (task_ids, batches)
         phi = state.params
         inner_state = inner.init(phi) if reset_inner_state else state.inner_state
+        one = jax.tree.map(lambda x: x[0], tagged)
         _, step_mode = _loops.resolve(
-            "vmap", step_loop, num_tasks=1, num_steps=inner_steps, convolution=False
+            "vmap",
+            step_loop,
+            num_tasks=1,
+            num_steps=inner_steps,
+            jaxpr=_loops.trace_loss(tagged_loss, phi, one)[0],
         )
         theta, inner_state, losses, _ = inner_loop(
             tagged_loss,

@@ -13,7 +13,7 @@ import pytest
 import metagrad as mg
 from metagrad import _loops
 
-TASKS, STEPS = 3, 3
+TASKS, STEPS = 2, 2
 COMBOS = [(t, s) for t in ("vmap", "map", "unroll") for s in ("scan", "unroll")]
 
 
@@ -80,7 +80,7 @@ def _problem():
     return params, {
         "maml": maml_tasks,
         "reptile": batch(TASKS, STEPS),
-        "seq_reptile": (jnp.array([0, 2, 1], jnp.int32), batch(STEPS)),
+        "seq_reptile": (jnp.array([1, 0], jnp.int32), batch(STEPS)),
     }
 
 
@@ -134,24 +134,25 @@ def conv_loss(params, batch):
 
 
 def test_auto_rule():
-    x = jnp.ones((2, 1, 4, 4))
-    conv = jax.make_jaxpr(jax.grad(conv_loss))(jnp.ones((1, 1, 3, 3)), (x, jnp.ones(2)))
-    dense = jax.make_jaxpr(jax.grad(mlp_loss))(_problem()[0], _problem()[1]["reptile"])
-    assert _loops.has_convolution(conv) and not _loops.has_convolution(dense)
+    x, kernel = jnp.ones((2, 1, 4, 4)), jnp.ones((1, 1, 3, 3))
+    conv = jax.make_jaxpr(conv_loss)(kernel, (x, jnp.ones(2)))
+    params, tasks = _problem()
+    dense = jax.make_jaxpr(mlp_loss)(params, jax.tree.map(lambda x: x[0, 0], tasks["reptile"]))
+    assert _loops.loss_stats(conv)[0] and not _loops.loss_stats(dense)[0]
     # Under a scan the convolution is inside a sub-jaxpr.
     scanned = jax.make_jaxpr(
-        lambda p: jax.lax.scan(lambda c, _: (c, conv_loss(p, (x, jnp.ones(2)))), 0.0, None, 2)
-    )(jnp.ones((1, 1, 3, 3)))
-    assert _loops.has_convolution(scanned)
-    resolve = functools.partial(_loops.resolve, "auto", "auto")
+        lambda k: jax.lax.scan(lambda c, _: (c + conv_loss(k, (x, jnp.ones(2))), None), 0.0, None, 2)
+    )(kernel)
+    assert _loops.loss_stats(scanned)[0]
+    assert _loops.loss_stats(scanned)[1] > _loops.loss_stats(conv)[1]
     assert jax.default_backend() == "cpu"
-    assert resolve(num_tasks=4, num_steps=5, convolution=True) == ("unroll", "unroll")
-    assert resolve(num_tasks=4, num_steps=50, convolution=True) == ("unroll", "scan")
-    assert resolve(num_tasks=25, num_steps=5, convolution=False) == ("vmap", "unroll")
-    budget = _loops.CPU_UNROLL_BUDGET
-    assert resolve(num_tasks=1, num_steps=budget + 1, convolution=False)[1] == "scan"
+    resolve = functools.partial(_loops.resolve, "auto", "auto")
+    assert resolve(num_tasks=4, num_steps=5, jaxpr=conv) == ("unroll", "unroll")
+    assert resolve(num_tasks=25, num_steps=5, jaxpr=dense) == ("vmap", "unroll")
+    # Beyond the budget of unrolled equations, the steps run in a scan.
+    size = _loops.loss_stats(conv)[1]
+    longest = _loops.CPU_UNROLL_BUDGET // (4 * size)
+    assert resolve(num_tasks=4, num_steps=longest, jaxpr=conv) == ("unroll", "unroll")
+    assert resolve(num_tasks=4, num_steps=longest + 1, jaxpr=conv) == ("unroll", "scan")
     # Explicit choices pass through.
-    assert _loops.resolve("map", "scan", num_tasks=4, num_steps=5, convolution=True) == (
-        "map",
-        "scan",
-    )
+    assert _loops.resolve("map", "scan", num_tasks=4, num_steps=1, jaxpr=conv) == ("map", "scan")
