@@ -26,6 +26,7 @@ import optax
 from metagrad import _checks, _loops
 from metagrad._base import LossFn, MetaLearner, Params, keep_if_finite
 from metagrad._inner import InnerRule, as_inner_rule
+from metagrad._maml_loop import broadcast, check_loss, check_tasks, inner_loop
 from metagrad.adapt import to_invariant, to_varying
 from metagrad.reptile import _check_axis_name
 
@@ -76,146 +77,6 @@ def maml_pp_weights(num_steps: int, anneal_steps: int, count: jax.Array) -> jax.
     inter = jnp.maximum(1.0 / k - count * decay, floor)
     last = jnp.minimum(1.0 / k + count * (k - 1) * decay, 1.0 - (k - 1) * floor)
     return jnp.concatenate([jnp.full((k - 1,), inter), last[None]])
-
-
-def _check_tasks(tasks: Any) -> tuple[Any, Any, int]:
-    if not isinstance(tasks, (tuple, list)) or len(tasks) != 2:
-        raise TypeError(
-            "tasks must be a (support, query) pair of batches with a leading task axis, got "
-            f"{type(tasks).__name__} {_describe(tasks)}"
-        )
-    support, query = tasks
-    sizes = {}
-    for part, tree in (("support", support), ("query", query)):
-        leaves = jax.tree.leaves(tree)
-        if not leaves:
-            raise ValueError(f"tasks: {part} has no array leaves")
-        for leaf in leaves:
-            if np.ndim(leaf) < 1:
-                raise ValueError(f"tasks: every {part} leaf needs a leading task axis")
-        sizes[part] = {np.shape(leaf)[0] for leaf in leaves}
-        if len(sizes[part]) != 1:
-            raise ValueError(
-                f"tasks: the {part} leaves have different leading (task) axes {sizes[part]}"
-            )
-    if sizes["support"] != sizes["query"]:
-        raise ValueError(
-            f"tasks: support and query have different numbers of tasks "
-            f"({sizes['support'].pop()} vs {sizes['query'].pop()})"
-        )
-    num_tasks = sizes["support"].pop()
-    if num_tasks == 0:
-        # The meta-loss would be a mean over no tasks: NaN, silently.
-        raise ValueError("tasks must hold at least one task, got a leading (task) axis of size 0")
-    return support, query, num_tasks
-
-
-def _describe(tree: Any) -> str:
-    """``tree`` with each array leaf shown as dtype[shape], for error messages."""
-
-    def leaf(x):
-        return f"{jnp.result_type(x).name}{list(np.shape(x))}" if hasattr(x, "shape") else repr(x)
-
-    return str(jax.tree.map(leaf, tree))
-
-
-def _check_loss(loss_fn: LossFn, params: Any, tasks: Any) -> Any:
-    """Traces ``loss_fn`` on task 0's support batch: checks that it applies and returns a
-    scalar; returns its jaxpr (for the "auto" strategies)."""
-    batch = jax.tree.map(lambda x: x[0], tasks[0])
-    try:
-        jaxpr, out = _loops.trace_loss(loss_fn, params, batch)
-    except Exception as error:
-        raise ValueError(
-            "loss_fn(params, batch) failed on the support batch of task 0 "
-            f"({type(error).__name__}: {error}). tasks must be a (support, query) pair, "
-            "each a batch in the form loss_fn takes with a leading task axis; got tasks = "
-            f"{_describe(tasks)}"
-        ) from error
-    shape = getattr(out, "shape", None)
-    if shape != ():
-        raise ValueError(
-            f"loss_fn must return a scalar, got an output of shape {shape} "
-            f"({_describe(out)}) on task 0's support batch"
-        )
-    return jaxpr
-
-
-def _mean_pairwise_cosine(grads: Any) -> jax.Array:
-    flat = jnp.concatenate([g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)], axis=1)
-    sq = jnp.sum(flat * flat, axis=1)
-    unit = flat * jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0))[:, None]
-    gram = jnp.matmul(unit, unit.T, precision=jax.lax.Precision.HIGHEST)
-    b = flat.shape[0]
-    return (jnp.sum(gram) - jnp.trace(gram)) / max(b * (b - 1), 1)
-
-
-def _inner_loop(
-    loss_fn, rule, params, inner_params, carry, state, support, query, num_steps, *,
-    first_order, remat, step_query, alignment, task_loop, step_loop,
-):  # fmt: skip
-    """Runs `num_steps` inner steps on a task batch from the shared initialization `params`.
-
-    `state`, `support` and `query` carry the task axis, `params` does not. Returns the
-    adapted params in `task_loop`'s representation (`_loops.TaskLoop`), the rule's state
-    and carry, and the per-step outputs stacked along a leading step axis. Until the first
-    update the params are shared by all tasks: the first step's gradients are taken at the
-    unbroadcast params (with ``"vmap"``, one plain batched program instead of one over
-    copies of the weights, which for a convolution would be a grouped convolution).
-    """
-    num_tasks = jax.tree.leaves(support)[0].shape[0]
-    tasks = _loops.TaskLoop(task_loop, num_tasks)
-    value_and_grad = jax.value_and_grad(loss_fn)
-
-    def one_step(params, state, carry, k, shared):
-        losses, grads = tasks.map(value_and_grad, params, support, shared)
-        if first_order:
-            grads = jax.lax.stop_gradient(grads)
-        out = {"support_loss": losses}
-        if alignment:
-            out["alignment"] = _mean_pairwise_cosine(grads)
-        batched = tasks.stacked(params, shared)
-        updates, state, carry = rule.update(grads, state, batched, inner_params, carry, k)
-        params = tasks.add(params, updates)
-        if step_query:
-            out["query_loss"] = tasks.map(loss_fn, params, query, False)
-        return params, state, carry, out
-
-    def step(shared, prevent_cse):
-        def body(c, k, _):
-            params, state, carry, out = one_step(*c, k, shared)
-            return (params, state, carry), out
-
-        return jax.checkpoint(body, prevent_cse=prevent_cse) if remat else body
-
-    c = (tasks.start(params), state, carry)
-    if step_loop == "unroll":
-        # Unrolled, remat needs CSE prevention (XLA would otherwise merge the recomputation
-        # with the forward pass); the first step runs at the shared params.
-        c, out0 = step(True, True)(c, jnp.zeros((), jnp.int32), None)
-        rest = num_steps - 1
-        if rest:
-            c, outs = _loops.run_steps(step(False, True), c, rest, "unroll", start=1)
-    else:
-        # Stacked params: the first step is peeled off the scan to run at the shared params.
-        # Per-task params (`"unroll"` tasks) need no peeling.
-        peel = task_loop != "unroll"
-        if peel:
-            c, out0 = step(True, False)(c, jnp.zeros((), jnp.int32), None)
-        rest = num_steps - 1 if peel else num_steps
-        if rest:
-            c, outs = _loops.run_steps(step(False, False), c, rest, "scan", start=num_steps - rest)
-        if not peel:
-            return (*c, outs)
-    if rest:
-        outs = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), out0, outs)
-    else:
-        outs = jax.tree.map(lambda a: a[None], out0)
-    return (*c, outs)
-
-
-def _broadcast(tree: Any, num_tasks: int) -> Any:
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_tasks,) + jnp.shape(x)), tree)
 
 
 def _keep_carry_if_finite(new: Any, restore: Callable[[Any], Any], old: Any) -> Any:
@@ -333,7 +194,10 @@ def maml(
     - GPU / TPU: ``task_loop="vmap"``, ``step_loop="scan"`` (the conventional batched
       program; not measured by us).
 
-    Measured on a 2-core CPU: MEASUREMENTS.
+    Measured (CPU time per second-order step, Conv-4 with 32 channels, 5-way 1-shot, 15
+    queries, 4 tasks, on a 2-core CPU): K = 5, tasks/steps unroll/unroll 0.86 s (a
+    hand-written unrolled JAX step 0.85 s), unroll/scan 2.2 s, vmap/scan 4.6 s; K = 10,
+    unroll/unroll 1.2 s after 48 s of compilation, unroll/scan 3.2 s after 20 s.
 
     Returns:
       A `MetaLearner`: ``init(params) -> MAMLState``; ``step(state, (support, query)) ->
@@ -410,12 +274,12 @@ def maml(
 
     def start_state(state, num_tasks):
         if reset_inner_state:
-            return jax.vmap(rule.init_state)(_broadcast(state.params, num_tasks))
-        return _broadcast(state.inner_state, num_tasks)
+            return jax.vmap(rule.init_state)(broadcast(state.params, num_tasks))
+        return broadcast(state.inner_state, num_tasks)
 
     def step(state, tasks):
-        support, query, num_tasks = _check_tasks(tasks)
-        jaxpr = _check_loss(loss_fn, state.params, tasks)
+        support, query, num_tasks = check_tasks(tasks)
+        jaxpr = check_loss(loss_fn, state.params, tasks)
         loops = _loops.resolve(
             task_loop, step_loop, num_tasks=num_tasks, num_steps=inner_steps, jaxpr=jaxpr
         )
@@ -432,7 +296,7 @@ def maml(
 
         def objective(diff):
             params, inner_params = diff
-            params_t, istate, carry, outs = _inner_loop(
+            params_t, istate, carry, outs = inner_loop(
                 loss_fn, rule, params, inner_params, carry0, istate0,
                 support, query, inner_steps, first_order=first_order, remat=remat,
                 step_query=step_query, alignment=alignment, task_loop=loops[0],
@@ -491,9 +355,9 @@ def maml(
         support = jax.tree.map(lambda x: jnp.asarray(x)[None], support)
         istate = start_state(state, 1)
         carry, _ = loop_carry(eval_carry(state.carry))
-        jaxpr = _check_loss(loss_fn, state.params, (support, support))
+        jaxpr = check_loss(loss_fn, state.params, (support, support))
         loops = _loops.resolve(task_loop, step_loop, num_tasks=1, num_steps=num_steps, jaxpr=jaxpr)
-        params_t, *_ = _inner_loop(
+        params_t, *_ = inner_loop(
             loss_fn, rule, state.params, state.inner_params, carry, istate,
             support, None, num_steps, first_order=True, remat=False, step_query=False,
             alignment=False, task_loop=loops[0], step_loop=loops[1],

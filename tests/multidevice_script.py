@@ -151,7 +151,12 @@ def main() -> None:
         kw = dict(axis_name=axis)
         return {
             "maml": mg.maml(
-                loss, optax.sgd(0.1, momentum=0.5), 2, optax.adam(1e-2), reset_inner_state=False, **kw
+                loss,
+                optax.sgd(0.1, momentum=0.5),
+                2,
+                optax.adam(1e-2),
+                reset_inner_state=False,
+                **kw,
             ),
             "maml_unroll": mg.maml(
                 loss, optax.sgd(0.1), 2, optax.adam(1e-2), task_loop="unroll", **kw
@@ -178,7 +183,9 @@ def main() -> None:
 
     singles, multis = axis_learners(None), axis_learners("d")
     for name, single in singles.items():
-        tasks = seq_tasks if name == "seq_reptile" else (support if "reptile" in name else maml_tasks)
+        tasks = (
+            seq_tasks if name == "seq_reptile" else (support if "reptile" in name else maml_tasks)
+        )
         s1 = single.init(params)
         for _ in range(3):
             s1, m1 = single.step(s1, tasks)

@@ -141,7 +141,9 @@ def test_auto_rule():
     assert _loops.loss_stats(conv)[0] and not _loops.loss_stats(dense)[0]
     # Under a scan the convolution is inside a sub-jaxpr.
     scanned = jax.make_jaxpr(
-        lambda k: jax.lax.scan(lambda c, _: (c + conv_loss(k, (x, jnp.ones(2))), None), 0.0, None, 2)
+        lambda k: jax.lax.scan(
+            lambda c, _: (c + conv_loss(k, (x, jnp.ones(2))), None), 0.0, None, 2
+        )
     )(kernel)
     assert _loops.loss_stats(scanned)[0]
     assert _loops.loss_stats(scanned)[1] > _loops.loss_stats(conv)[1]

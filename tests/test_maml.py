@@ -277,7 +277,7 @@ def test_errors_say_what_to_change():
     learner = mg.maml(quad_loss, sgd, 1, sgd)
     state = learner.init(theta)
     # Support only: a pair (matrices, vectors), so its parts are taken for support and query.
-    pair = r"tasks must be a \(support, query\) pair"
+    pair = r"tasks must be a pair \(support, query\)"
     with pytest.raises(ValueError, match=pair + r".*float\d+\[4, 3, 3\]"):
         learner.step(state, support)
     with pytest.raises(TypeError, match=pair + r".*float\d+\[4, 3, 3\]"):
