@@ -180,8 +180,8 @@ def maml(
     Execution strategies: every (`task_loop`, `step_loop`) pair computes the same numbers
     (tested to 1e-10 in float64); they differ in speed, compile time and memory.
     ``"auto"`` is resolved when the step is traced, from the backend
-    (`jax.default_backend`), the number of tasks T, the number of inner steps K and whether
-    ``loss_fn`` contains a convolution:
+    (`jax.default_backend`), the number of tasks T, the number of inner steps K and the
+    jaxpr of ``loss_fn`` on one task's batch (whether it contains a convolution, its size):
 
     - CPU: ``task_loop="unroll"`` if the loss contains a convolution, else ``"vmap"``
       (vmapping a convolution over per-task weights makes a grouped convolution, which
