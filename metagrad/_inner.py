@@ -106,7 +106,7 @@ def learned_lr(
     number of inner steps (at meta-test) reuse the last step's rates.
 
     Args:
-      alpha: initial learning rate (the MAML inner learning rate).
+      alpha: initial learning rate (the MAML inner learning rate), > 0.
       per_step: whether each inner step has its own learning rates.
       granularity: ``"parameter"``, ``"layer"`` (pytree leaf) or ``"global"``.
 
@@ -126,7 +126,8 @@ def learned_lr(
       Li et al., `Meta-SGD <https://arxiv.org/abs/1707.09835>`_, 2017;
       Antoniou et al., `How to train your MAML <https://arxiv.org/abs/1810.09502>`_, 2019.
     """
-    alpha = _checks.finite_float("alpha", alpha)
+    # A rate <= 0 would make the first inner steps ascend the support loss.
+    alpha = _checks.positive_float("alpha", alpha)
     _checks.one_of("granularity", granularity, ("parameter", "layer", "global"))
 
     def init(params, num_steps):
@@ -164,7 +165,7 @@ def meta_sgd(alpha: float) -> InnerRule:
     ``learned_lr(alpha, per_step=False, granularity="parameter")``.
 
     Args:
-      alpha: initial learning rate of every parameter.
+      alpha: initial learning rate of every parameter, > 0.
 
     Returns:
       An `InnerRule` for `metagrad.maml`.

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import _checks
+from metagrad import _checks, _loops
 
 Params = chex.ArrayTree
 
@@ -48,6 +48,15 @@ def _check_leading_axis(name: str, tree: Any, size: int, what: str) -> None:
             )
 
 
+def _varying_axes(x: Any) -> frozenset:
+    """The mapped axes a value is typed as varying over (empty outside `jax.shard_map`)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # JAX <= 0.8
+    if vma is None:  # later JAX: ShapedArray.manual_axis_type.varying
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    return frozenset(vma)
+
+
 def to_varying(tree: Any, axis_name: str | None) -> Any:
     """Marks `tree` as varying over the mapped axis ``axis_name`` (private helper).
 
@@ -65,9 +74,31 @@ def to_varying(tree: Any, axis_name: str | None) -> Any:
         return tree
 
     def leaf(x):
-        if axis_name in getattr(jax.typeof(x), "vma", frozenset()):
+        if axis_name in _varying_axes(x):
             return x
         return pcast(x, axis_name, to="varying")
+
+    return jax.tree.map(leaf, tree)
+
+
+def to_invariant(tree: Any, axis_name: str | None) -> Any:
+    """Marks values equal on every device as device-invariant again (private helper).
+
+    A value computed from `to_varying` params (e.g. a carry that depends on learned
+    inner-rule parameters) is typed device-varying under ``shard_map(check_vma=True)``
+    even when every device holds the same number. Such leaves are averaged over the axis
+    (``pmax`` for integers), which leaves equal values unchanged up to rounding and makes
+    them invariant; leaves not varying pass through.
+    """
+    if axis_name is None:
+        return tree
+
+    def leaf(x):
+        if axis_name not in _varying_axes(x):
+            return x
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jax.lax.pmean(x, axis_name)
+        return jax.lax.pmax(x, axis_name)
 
     return jax.tree.map(leaf, tree)
 
@@ -83,12 +114,14 @@ def inner_loop(
     batch_per_step: bool,
     keep_first_grad: bool = False,
     axis_name: str | None = None,
+    step_loop: str = "scan",
 ):
-    """The scan behind `adapt` and the Reptile learners (private helper).
+    """The inner loop behind `adapt` and the Reptile learners (private helper).
 
     ``loss_fn(params, batch)``; with ``batch_per_step`` the leaves of
     ``batches`` have a leading axis of length ``num_steps`` and step k uses
-    slice k, otherwise the same batch is used at every step.
+    slice k, otherwise the same batch is used at every step. ``step_loop`` is
+    ``"scan"`` (`jax.lax.scan`) or ``"unroll"`` (one copy of the step per step).
 
     Returns ``(params, inner_state, losses, first_grad)``: ``losses[k]`` is the
     loss at the params before step k, ``first_grad`` the gradient at the
@@ -98,34 +131,42 @@ def inner_loop(
     """
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def body(carry, batch):
+    def body(carry, k, batch):
+        del k
         p, s = carry
+        batch = batch if batch_per_step else batches
         loss, g = grad_fn(to_varying(p, axis_name), batch)
         if axis_name is not None:
             loss, g = jax.lax.pmean((loss, g), axis_name)
         u, s = inner.update(g, s, p)
         return (optax.apply_updates(p, u), s), (loss, g)
 
-    def step(carry, x):
-        batch = x if batch_per_step else batches
-        new_carry, (loss, g) = body(carry, batch)
-        return new_carry, loss
-
-    if keep_first_grad:
-        # The first step is peeled off the scan so its gradient (at the starting
-        # params, the quantity Reptile's meta-gradient expands around) is kept
-        # without storing all K gradients.
-        first_batch = jax.tree.map(lambda x: x[0], batches) if batch_per_step else batches
-        (params, inner_state), (loss0, first_grad) = body((params, inner_state), first_batch)
-        rest = jax.tree.map(lambda x: x[1:], batches) if batch_per_step else None
-        (params, inner_state), losses = jax.lax.scan(
-            step, (params, inner_state), rest, length=num_steps - 1
-        )
-        losses = jnp.concatenate([loss0[None], losses])
-        return params, inner_state, losses, first_grad
     xs = batches if batch_per_step else None
-    (params, inner_state), losses = jax.lax.scan(step, (params, inner_state), xs, length=num_steps)
-    return params, inner_state, losses, None
+    carry = (params, inner_state)
+    if step_loop == "unroll":
+        losses, first_grad = [], None
+        for k in range(num_steps):
+            batch = None if xs is None else jax.tree.map(lambda x, k=k: x[k], xs)
+            carry, (loss, g) = body(carry, k, batch)
+            losses.append(loss)
+            if k == 0 and keep_first_grad:
+                first_grad = g
+        return (*carry, jnp.stack(losses), first_grad)
+
+    def step(carry, k, batch):
+        carry, (loss, _) = body(carry, k, batch)
+        return carry, loss
+
+    if not keep_first_grad:
+        carry, losses = _loops.run_steps(step, carry, num_steps, "scan", xs=xs)
+        return (*carry, losses, None)
+    # The first step is peeled off the scan so its gradient (at the starting params, the
+    # quantity Reptile's meta-gradient expands around) is kept without storing all K.
+    first_batch = jax.tree.map(lambda x: x[0], xs) if batch_per_step else None
+    carry, (loss0, first_grad) = body(carry, 0, first_batch)
+    rest = jax.tree.map(lambda x: x[1:], xs) if batch_per_step else None
+    carry, losses = _loops.run_steps(step, carry, num_steps - 1, "scan", xs=rest, start=1)
+    return (*carry, jnp.concatenate([loss0[None], losses]), first_grad)
 
 
 def adapt(

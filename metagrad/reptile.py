@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import _checks
+from metagrad import _checks, _loops
 from metagrad._base import MetaLearner, keep_if_finite
 from metagrad.adapt import _check_inner, adapt, inner_loop, to_varying
 from metagrad.diagnostics import mean_pairwise_cosine
@@ -317,6 +317,8 @@ def reptile(
     reset_inner_state: bool = True,
     task_grad_cosine: bool = False,
     axis_name: str | None = None,
+    task_loop: str = "auto",
+    step_loop: str = "auto",
 ) -> MetaLearner:
     """Parallel (meta-batch) Reptile as a jitted meta-step.
 
@@ -359,6 +361,13 @@ def reptile(
         φ (equal to the single-device step when devices hold equal numbers of
         tasks). ``task_grad_cosine`` then covers each device's own tasks only.
         Under plain `jax.jit` with sharded inputs no axis name is needed.
+      task_loop: how the tasks are executed: ``"vmap"``, ``"map"``
+        (`jax.lax.map`), ``"unroll"`` (one copy of the task's inner loop per
+        task) or ``"auto"``; as in `metagrad.maml`, whose docstring gives the
+        rule ``"auto"`` follows.
+      step_loop: how the inner steps are executed: ``"scan"``, ``"unroll"``
+        or ``"auto"``, as in `metagrad.maml`. Every strategy gives the same
+        numbers.
 
     A non-finite task loss makes the meta-gradient non-finite; pass
     ``outer=optax.apply_if_finite(opt, max_consecutive_errors)`` to skip such
@@ -405,6 +414,7 @@ def reptile(
         task_grad_cosine=task_grad_cosine,
     )
     _check_axis_name(axis_name)
+    _loops.check(task_loop, step_loop)
 
     def init_fn(params):
         params = jax.tree.map(jnp.asarray, params)
@@ -412,18 +422,6 @@ def reptile(
             params=params,
             outer_state=outer_tx.init(params),
             inner_state=None if reset_inner_state else inner.init(params),
-        )
-
-    def task_run(phi, inner_state, batches):
-        return inner_loop(
-            loss_fn,
-            inner,
-            phi,
-            inner_state,
-            batches,
-            inner_steps,
-            batch_per_step=batch_per_step,
-            keep_first_grad=task_grad_cosine,
         )
 
     def step_fn(state, tasks):
@@ -434,9 +432,25 @@ def reptile(
             raise ValueError(f"tasks must hold >= 2 tasks for task_grad_cosine, got {num_tasks}")
         phi = state.params
         inner_state = inner.init(phi) if reset_inner_state else state.inner_state
+        one = jax.tree.map(lambda x: x[0, 0] if batch_per_step else x[0], tasks)
+        task_mode, step_mode = _loops.resolve(
+            task_loop,
+            step_loop,
+            num_tasks=num_tasks,
+            num_steps=inner_steps,
+            jaxpr=_loops.trace_loss(loss_fn, phi, one)[0],
+        )
+
+        def task_run(start, batches):
+            return inner_loop(
+                loss_fn, inner, *start, batches, inner_steps, batch_per_step=batch_per_step,
+                keep_first_grad=task_grad_cosine, step_loop=step_mode,
+            )  # fmt: skip
+
         # Each device adapts its own tasks: see `to_varying` for why φ is cast.
-        thetas, inner_states, losses, first_grads = jax.vmap(task_run, in_axes=(None, None, 0))(
-            to_varying(phi, axis_name), to_varying(inner_state, axis_name), tasks
+        start = to_varying((phi, inner_state), axis_name)
+        thetas, inner_states, losses, first_grads = _loops.TaskLoop(task_mode, num_tasks).map(
+            task_run, start, tasks, True
         )
         meta_grad = jax.tree.map(lambda p, t: jnp.mean(p[None] - t, axis=0), phi, thetas)
         if axis_name is not None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import _checks
+from metagrad import _checks, _loops
 from metagrad._base import MetaLearner, keep_if_finite
 from metagrad.adapt import _check_inner, adapt, inner_loop
 from metagrad.diagnostics import mean_pairwise_cosine, task_gradients
@@ -39,6 +39,8 @@ def seq_reptile(
     pass_task_id: bool = True,
     task_grad_cosine: bool = False,
     axis_name: str | None = None,
+    task_loop: str = "auto",
+    step_loop: str = "auto",
 ) -> MetaLearner:
     """Sequential Reptile (Lee et al., 2022, Algorithm 1) as a jitted meta-step.
 
@@ -83,6 +85,14 @@ def seq_reptile(
         this mapped axis; each inner gradient and loss is averaged over it with
         `jax.lax.pmean` (equal to the single-device step when ``loss_fn`` is a
         mean over equally sized shards). The trajectory itself is sequential.
+      task_loop: accepted and checked so that every meta-learner takes the
+        same execution arguments (see `metagrad.maml`); Sequential Reptile
+        runs one trajectory, with no task axis to execute, so it has no
+        effect.
+      step_loop: how the K inner steps are executed: ``"scan"``,
+        ``"unroll"`` or ``"auto"`` (on CPU unrolled while the unrolled program
+        is small, else a scan; a scan on GPU/TPU; the rule of `metagrad.maml`). Every strategy gives
+        the same numbers.
 
     A non-finite batch loss makes the meta-gradient non-finite; pass
     ``outer=optax.apply_if_finite(opt, max_consecutive_errors)`` to skip such
@@ -129,6 +139,7 @@ def seq_reptile(
         task_grad_cosine=task_grad_cosine,
     )
     _check_axis_name(axis_name)
+    _loops.check(task_loop, step_loop)
 
     def tagged_loss(params, tagged):
         task_id, batch = tagged
@@ -162,6 +173,14 @@ def seq_reptile(
         tagged = (task_ids, batches)
         phi = state.params
         inner_state = inner.init(phi) if reset_inner_state else state.inner_state
+        one = jax.tree.map(lambda x: x[0], tagged)
+        _, step_mode = _loops.resolve(
+            "vmap",
+            step_loop,
+            num_tasks=1,
+            num_steps=inner_steps,
+            jaxpr=_loops.trace_loss(tagged_loss, phi, one)[0],
+        )
         theta, inner_state, losses, _ = inner_loop(
             tagged_loss,
             inner,
@@ -171,6 +190,7 @@ def seq_reptile(
             inner_steps,
             batch_per_step=True,
             axis_name=axis_name,
+            step_loop=step_mode,
         )
         meta_grad = jax.tree.map(lambda p, t: p - t, phi, theta)
         outer_updates, outer_state = outer_tx.update(meta_grad, state.outer_state, phi)

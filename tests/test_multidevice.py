@@ -5,7 +5,9 @@ before JAX starts) runs every check and prints its results as JSON; the tests be
 them. Covered here: `jax.jit` with the batch or the task axis sharded by a `NamedSharding`
 (dotprod in an optax chain, maml, grad_share, reptile, seq_reptile, pcgrad), a 5-step
 dotprod training loop under `jax.shard_map` with `batch_axis_name`, and restoring a
-checkpoint onto 4 devices. Single dotprod updates under `pmap`/`shard_map` are compared in
+checkpoint onto 4 devices; the meta-learners' ``axis_name`` under `jax.shard_map` (with and
+without ``check_vma``) and `jax.pmap` against one device, including the unrolled task loop.
+Single dotprod updates under `pmap`/`shard_map` are compared in
 `test_dotprod_multidevice.py`, reptile's `axis_name` under `shard_map` in `test_reptile.py`.
 """
 
@@ -51,3 +53,14 @@ def test_checkpoint_restores_onto_devices_and_continues(output):
     results = output
     assert results["checkpoint/sharded_restore"] == 0.0
     assert results["checkpoint/sharded_restore/devices"] == 4
+
+
+AXIS_NAME = ["maml", "maml_unroll", "fomaml", "grad_share", "reptile", "seq_reptile"]
+
+
+@pytest.mark.parametrize("mode", ["shard_map_check_vma", "shard_map_no_check_vma", "pmap"])
+@pytest.mark.parametrize("name", AXIS_NAME)
+def test_axis_name_matches_one_device(output, name, mode):
+    # With check_vma=True, maml's meta-gradient used to come back summed over the devices
+    # (by JAX) before the learner's pmean: up to 4x the single-device update here.
+    assert output[f"{name}/axis_{mode}"] <= TOLERANCE

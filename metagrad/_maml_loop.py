@@ -1,0 +1,156 @@
+"""The MAML inner loop and the checks of a MAML step's inputs (private to `metagrad.maml`).
+
+One inner loop for every execution strategy (`metagrad._loops`): the maths is the same, the
+task axis and the inner steps are executed as the learner's ``task_loop`` / ``step_loop`` say.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metagrad import _loops
+from metagrad._base import LossFn
+
+
+def check_tasks(tasks: Any) -> tuple[Any, Any, int]:
+    if not isinstance(tasks, (tuple, list)) or len(tasks) != 2:
+        raise TypeError(
+            "tasks must be a pair (support, query) of batches with a leading task axis, got "
+            f"{type(tasks).__name__} {describe(tasks)}"
+        )
+    support, query = tasks
+    sizes = {}
+    for part, tree in (("support", support), ("query", query)):
+        leaves = jax.tree.leaves(tree)
+        if not leaves:
+            raise ValueError(f"tasks: {part} has no array leaves")
+        for leaf in leaves:
+            if np.ndim(leaf) < 1:
+                raise ValueError(f"tasks: every {part} leaf needs a leading task axis")
+        sizes[part] = {np.shape(leaf)[0] for leaf in leaves}
+        if len(sizes[part]) != 1:
+            raise ValueError(
+                f"tasks: the {part} leaves have different leading (task) axes {sizes[part]}"
+            )
+    if sizes["support"] != sizes["query"]:
+        raise ValueError(
+            f"tasks: support and query have different numbers of tasks "
+            f"({sizes['support'].pop()} vs {sizes['query'].pop()})"
+        )
+    num_tasks = sizes["support"].pop()
+    if num_tasks == 0:
+        # The meta-loss would be a mean over no tasks: NaN, silently.
+        raise ValueError("tasks must hold at least one task, got a leading (task) axis of size 0")
+    return support, query, num_tasks
+
+
+def describe(tree: Any) -> str:
+    """``tree`` with each array leaf shown as dtype[shape], for error messages."""
+
+    def leaf(x):
+        return f"{jnp.result_type(x).name}{list(np.shape(x))}" if hasattr(x, "shape") else repr(x)
+
+    return str(jax.tree.map(leaf, tree))
+
+
+def check_loss(loss_fn: LossFn, params: Any, tasks: Any) -> Any:
+    """Traces ``loss_fn`` on task 0's support batch: checks that it applies and returns a
+    scalar; returns its jaxpr (for the "auto" strategies)."""
+    batch = jax.tree.map(lambda x: x[0], tasks[0])
+    try:
+        jaxpr, out = _loops.trace_loss(loss_fn, params, batch)
+    except Exception as error:
+        raise ValueError(
+            "loss_fn(params, batch) failed on the support batch of task 0 "
+            f"({type(error).__name__}: {error}). tasks must be a pair (support, query), "
+            "each a batch in the form loss_fn takes with a leading task axis; got tasks = "
+            f"{describe(tasks)}"
+        ) from error
+    shape = getattr(out, "shape", None)
+    if shape != ():
+        raise ValueError(
+            f"loss_fn must return a scalar, got an output of shape {shape} "
+            f"({describe(out)}) on task 0's support batch"
+        )
+    return jaxpr
+
+
+def mean_pairwise_cosine(grads: Any) -> jax.Array:
+    flat = jnp.concatenate([g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)], axis=1)
+    sq = jnp.sum(flat * flat, axis=1)
+    unit = flat * jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0))[:, None]
+    gram = jnp.matmul(unit, unit.T, precision=jax.lax.Precision.HIGHEST)
+    b = flat.shape[0]
+    return (jnp.sum(gram) - jnp.trace(gram)) / max(b * (b - 1), 1)
+
+
+def inner_loop(
+    loss_fn, rule, params, inner_params, carry, state, support, query, num_steps, *,
+    first_order, remat, step_query, alignment, task_loop, step_loop,
+):  # fmt: skip
+    """Runs `num_steps` inner steps on a task batch from the shared initialization `params`.
+
+    `state`, `support` and `query` carry the task axis, `params` does not. Returns the
+    adapted params in `task_loop`'s representation (`_loops.TaskLoop`), the rule's state
+    and carry, and the per-step outputs stacked along a leading step axis. Until the first
+    update the params are shared by all tasks: the first step's gradients are taken at the
+    unbroadcast params (with ``"vmap"``, one plain batched program instead of one over
+    copies of the weights, which for a convolution would be a grouped convolution).
+    """
+    num_tasks = jax.tree.leaves(support)[0].shape[0]
+    tasks = _loops.TaskLoop(task_loop, num_tasks)
+    value_and_grad = jax.value_and_grad(loss_fn)
+
+    def one_step(params, state, carry, k, shared):
+        losses, grads = tasks.map(value_and_grad, params, support, shared)
+        if first_order:
+            grads = jax.lax.stop_gradient(grads)
+        out = {"support_loss": losses}
+        if alignment:
+            out["alignment"] = mean_pairwise_cosine(grads)
+        batched = tasks.stacked(params, shared)
+        updates, state, carry = rule.update(grads, state, batched, inner_params, carry, k)
+        params = tasks.add(params, updates)
+        if step_query:
+            out["query_loss"] = tasks.map(loss_fn, params, query, False)
+        return params, state, carry, out
+
+    def step(shared, prevent_cse):
+        def body(c, k, _):
+            params, state, carry, out = one_step(*c, k, shared)
+            return (params, state, carry), out
+
+        return jax.checkpoint(body, prevent_cse=prevent_cse) if remat else body
+
+    c = (tasks.start(params), state, carry)
+    if step_loop == "unroll":
+        # Unrolled, remat needs CSE prevention (XLA would otherwise merge the recomputation
+        # with the forward pass); the first step runs at the shared params.
+        c, out0 = step(True, True)(c, jnp.zeros((), jnp.int32), None)
+        rest = num_steps - 1
+        if rest:
+            c, outs = _loops.run_steps(step(False, True), c, rest, "unroll", start=1)
+    else:
+        # Stacked params: the first step is peeled off the scan to run at the shared params.
+        # Per-task params (`"unroll"` tasks) need no peeling.
+        peel = task_loop != "unroll"
+        if peel:
+            c, out0 = step(True, False)(c, jnp.zeros((), jnp.int32), None)
+        rest = num_steps - 1 if peel else num_steps
+        if rest:
+            c, outs = _loops.run_steps(step(False, False), c, rest, "scan", start=num_steps - rest)
+        if not peel:
+            return (*c, outs)
+    if rest:
+        outs = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), out0, outs)
+    else:
+        outs = jax.tree.map(lambda a: a[None], out0)
+    return (*c, outs)
+
+
+def broadcast(tree: Any, num_tasks: int) -> Any:
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_tasks,) + jnp.shape(x)), tree)
