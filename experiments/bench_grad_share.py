@@ -55,6 +55,21 @@ WAYS, QUERIES, IMAGE, CHANNELS, CONV_TASKS = 5, 5, 28, 32, 4
 MODELS = ("sinusoid", "conv4")
 
 
+def resnet12_shapes(channels=(64, 160, 320, 640), in_channels=3, num_classes=5):
+    """Parameter shapes of ResNet-12 (12.4M parameters in 50 leaves with the defaults).
+
+    Four residual stages; each has three 3×3 convolutions and a 1×1 shortcut convolution,
+    each followed by batch norm (scale and offset), then a linear head on the pooled
+    features.
+    """
+    shapes, cin = [], in_channels
+    for c in channels:
+        for kernel in ((3, 3, cin, c), (3, 3, c, c), (3, 3, c, c), (1, 1, cin, c)):
+            shapes += [kernel, (c,), (c,)]
+        cin = c
+    return shapes + [(cin, num_classes), (num_classes,)]
+
+
 def add_arguments(parser):
     group = parser.add_argument_group("grad_share")
     group.add_argument("--grad-share-iters", type=int, default=100, help="steps per round")
