@@ -10,6 +10,17 @@ and first order, on two models:
   queries per class (28×28 grey images as in Omniglot, 32 channels, task batch 4, random
   pixels: the time does not depend on them).
 
+Real sizes (``--grad-share-real``): for plain MAML / FOMAML and the same learner with
+grad_share, the time to trace and lower the step, the peak host RSS increase during that,
+XLA's compiled temporary memory and the best step time, with their ratios, on Conv-4 (the
+episodes above) and on a ResNet-12-sized parameter tree (12.4M parameters in 50 leaves, task
+batch 4) whose loss touches every parameter at almost no cost: there the rule's O(parameters)
+work, and what its backward pass keeps, are as large a share of a step as they can be.
+Second-order grad_share keeps each inner step's task gradients g_{t,k} for the backward pass
+(its gate's and normalization's derivatives need them), one [tasks, parameters] array per
+step that plain SGD-MAML does not keep: on this params-only model that is the compiled
+memory ratio; a real network's activations are kept by both learners and dilute it.
+
 Both learners of a row get the same pre-sampled task batch and are timed in interleaved rounds
 (best round kept). The comparison is like for like: same model, data, outer optimizer and
 compile path; grad_share's learned m_k, λ_k are part of the method, so their outer-optimizer
