@@ -267,15 +267,22 @@ def _real_rows(model, loss_fn, params, tasks, iters):
     num_params = sum(x.size for x in jax.tree.leaves(params))
     rows = []
     for first_order in (False, True):
-        costs = {}
-        for name, inner in (
-            ("plain", optax.sgd(INNER_LR)),
-            ("grad_share", mg.grad_share(INNER_LR)),
-        ):
-            learner = mg.maml(
-                loss_fn, inner, INNER_STEPS, optax.adam(OUTER_LR), first_order=first_order
+        inners = {
+            "plain": lambda: optax.sgd(INNER_LR),
+            "grad_share": lambda: mg.grad_share(INNER_LR),
+        }
+
+        def learner(name, first_order=first_order, inners=inners):
+            return mg.maml(
+                loss_fn, inners[name](), INNER_STEPS, optax.adam(OUTER_LR), first_order=first_order
             )
-            costs[name] = _cost(learner, params, tasks, iters)
+
+        # Warm-up: the first trace in a process fills JAX's caches (lowering rules, jitted
+        # helpers), which would be charged to whichever learner comes first.
+        for name in inners:
+            fresh = learner(name)
+            fresh.step.trace(fresh.init(params), tasks).lower()
+        costs = {name: _cost(learner(name), params, tasks, iters) for name in inners}
         row = {
             "model": model,
             "params": num_params,
