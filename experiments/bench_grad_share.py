@@ -10,6 +10,17 @@ and first order, on two models:
   queries per class (28×28 grey images as in Omniglot, 32 channels, task batch 4, random
   pixels: the time does not depend on them).
 
+Real sizes (``--grad-share-real``): for plain MAML / FOMAML and the same learner with
+grad_share, the time to trace and lower the step, the peak host RSS increase during that,
+XLA's compiled temporary memory and the best step time, with their ratios, on Conv-4 (the
+episodes above) and on a ResNet-12-sized parameter tree (12.4M parameters in 50 leaves, task
+batch 4) whose loss touches every parameter at almost no cost: there the rule's O(parameters)
+work, and what its backward pass keeps, are as large a share of a step as they can be.
+Second-order grad_share keeps each inner step's task gradients g_{t,k} for the backward pass
+(its gate's and normalization's derivatives need them), one [tasks, parameters] array per
+step that plain SGD-MAML does not keep: on this params-only model that is the compiled
+memory ratio; a real network's activations are kept by both learners and dilute it.
+
 Both learners of a row get the same pre-sampled task batch and are timed in interleaved rounds
 (best round kept). The comparison is like for like: same model, data, outer optimizer and
 compile path; grad_share's learned m_k, λ_k are part of the method, so their outer-optimizer
@@ -37,6 +48,9 @@ target is out of reach for the rule's forward arithmetic alone; on Conv-4 it is 
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import pathlib
 import time
 
 import jax
@@ -53,6 +67,25 @@ INNER_STEPS, INNER_LR, OUTER_LR, SHOTS = 5, 0.01, 1e-3, 10
 # Conv-4 episodes: 5-way 1-shot, 5 queries per class, 28×28 grey images, 32 channels.
 WAYS, QUERIES, IMAGE, CHANNELS, CONV_TASKS = 5, 5, 28, 32, 4
 MODELS = ("sinusoid", "conv4")
+REAL_MODELS = ("conv4", "resnet12")
+# ResNet-12-sized rows: task batch and a loss that touches every parameter at almost no cost,
+# so the rule's O(parameters) work is as large a share of a step as it can be.
+RESNET_TASKS = 4
+
+
+def resnet12_shapes(channels=(64, 160, 320, 640), in_channels=3, num_classes=5):
+    """Parameter shapes of ResNet-12 (12.4M parameters in 50 leaves with the defaults).
+
+    Four residual stages; each has three 3×3 convolutions and a 1×1 shortcut convolution,
+    each followed by batch norm (scale and offset), then a linear head on the pooled
+    features.
+    """
+    shapes, cin = [], in_channels
+    for c in channels:
+        for kernel in ((3, 3, cin, c), (3, 3, c, c), (3, 3, c, c), (1, 1, cin, c)):
+            shapes += [kernel, (c,), (c,)]
+        cin = c
+    return shapes + [(cin, num_classes), (num_classes,)]
 
 
 def add_arguments(parser):
@@ -66,6 +99,16 @@ def add_arguments(parser):
         "--grad-share-conv-iters", type=int, default=2, help="Conv-4 steps per round"
     )
     group.add_argument("--grad-share-conv-rounds", type=int, default=3, help="Conv-4 rounds")
+    group.add_argument(
+        "--grad-share-real",
+        nargs="*",
+        choices=REAL_MODELS,
+        default=list(REAL_MODELS),
+        help="real-size cost rows (trace time, host and compiled memory, step time)",
+    )
+    group.add_argument(
+        "--grad-share-real-iters", type=int, default=3, help="timed steps at real sizes"
+    )
     group.add_argument(
         "--no-grad-share-ablations",
         dest="grad_share_ablations",
@@ -164,6 +207,101 @@ def _rows(model, loss_fn, init_params, tasks, iters, rounds, ablations=False):
     return rows
 
 
+def resnet12_sized(key):
+    """Params shaped like ResNet-12 (`resnet12_shapes`), small random values."""
+    shapes = resnet12_shapes()
+    keys = jax.random.split(key, len(shapes))
+    return {
+        f"l{i:02d}": 0.01 * jax.random.normal(k, s)
+        for i, (k, s) in enumerate(zip(keys, shapes, strict=True))
+    }
+
+
+def cheap_loss(params, batch):
+    """A scalar that depends on every parameter (non-zero Hessian) and costs O(parameters)."""
+    return jnp.mean(batch) * sum(jnp.sum(jnp.tanh(p)) for p in jax.tree.leaves(params))
+
+
+def _reset_peak_rss() -> int | None:
+    """Frees what can be freed and resets the peak RSS; the current RSS (None off Linux)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status("VmRSS")
+
+
+def _status(key: str) -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _cost(learner, params, tasks, iters):
+    """Trace + lowering time, host memory during them, compiled temp memory, step time."""
+    state = learner.init(params)
+    base = _reset_peak_rss()
+    start = time.perf_counter()
+    lowered = learner.step.trace(state, tasks).lower()
+    trace = time.perf_counter() - start
+    host = None if base is None else _status("VmHWM") - base
+    compiled = lowered.compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    step = None
+    if iters:
+        state = jax.block_until_ready(compiled(state, tasks)[0])  # warm-up
+        step = float("inf")
+        for _ in range(iters):
+            begin = time.perf_counter()
+            state = jax.block_until_ready(compiled(state, tasks)[0])
+            step = min(step, time.perf_counter() - begin)
+    return {"trace_s": trace, "host_mb": host and host / 2**20, "temp_mb": temp / 2**20,
+            "step_ms": step and 1e3 * step}  # fmt: skip
+
+
+def _real_rows(model, loss_fn, params, tasks, iters):
+    """Plain MAML / FOMAML vs the same learner with grad_share: cost figures and ratios."""
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    rows = []
+    for first_order in (False, True):
+        inners = {
+            "plain": lambda: optax.sgd(INNER_LR),
+            "grad_share": lambda: mg.grad_share(INNER_LR),
+        }
+
+        def learner(name, first_order=first_order, inners=inners):
+            return mg.maml(
+                loss_fn, inners[name](), INNER_STEPS, optax.adam(OUTER_LR), first_order=first_order
+            )
+
+        # Warm-up: the first trace in a process fills JAX's caches (lowering rules, jitted
+        # helpers), which would be charged to whichever learner comes first.
+        for name in inners:
+            fresh = learner(name)
+            fresh.step.trace(fresh.init(params), tasks).lower()
+        costs = {name: _cost(learner(name), params, tasks, iters) for name in inners}
+        row = {
+            "model": model,
+            "params": num_params,
+            "leaves": len(jax.tree.leaves(params)),
+            "method": "fomaml" if first_order else "maml",
+            "task_batch": jax.tree.leaves(tasks)[0].shape[0],
+            "inner_steps": INNER_STEPS,
+        }
+        for key, value in costs["plain"].items():
+            other = costs["grad_share"][key]
+            if value is None or other is None:
+                continue
+            row[f"{key}_plain"] = round(value, 3)
+            row[f"{key}_grad_share"] = round(other, 3)
+            row[f"{key}_ratio"] = round(other / value, 3)
+        rows.append(row)
+    return rows
+
+
 def run(args) -> list[dict]:
     models = getattr(args, "grad_share_models", MODELS)
     rows = []
@@ -183,4 +321,14 @@ def run(args) -> list[dict]:
         params = conv4_init(jax.random.PRNGKey(0), 1, WAYS, IMAGE, CHANNELS)
         tasks = _conv_tasks(jax.random.PRNGKey(1))
         rows += _rows("Conv-4 5-way 1-shot", conv4_loss, params, tasks, iters, rounds)
+    real = getattr(args, "grad_share_real", REAL_MODELS)
+    real_iters = getattr(args, "grad_share_real_iters", 3)
+    if "conv4" in real:
+        params = conv4_init(jax.random.PRNGKey(0), 1, WAYS, IMAGE, CHANNELS)
+        tasks = _conv_tasks(jax.random.PRNGKey(1))
+        rows += _real_rows("Conv-4 5-way 1-shot", conv4_loss, params, tasks, real_iters)
+    if "resnet12" in real:
+        params = resnet12_sized(jax.random.PRNGKey(0))
+        batch = jax.random.normal(jax.random.PRNGKey(1), (RESNET_TASKS, 8))
+        rows += _real_rows("ResNet-12-sized tree", cheap_loss, params, (batch, batch), real_iters)
     return rows
