@@ -59,7 +59,9 @@ def _share(grads, average, rate, gate, tasks):
     """Gradient sharing: ḡ = mean_t g_t/‖g_t‖, G ← (1−r)G + rḡ, Δ_t = (1−λ)g_t + λG."""
     if tasks == "unroll":
         inv = [jax.lax.rsqrt(_tree_sum_sq(g)) for g in grads]
-        mean = jax.tree.map(lambda *gs: sum(i * g for i, g in zip(inv, gs)) / len(gs), *grads)
+        mean = jax.tree.map(
+            lambda *gs: sum(i * g for i, g in zip(inv, gs, strict=True)) / len(gs), *grads
+        )
         average = jax.tree.map(lambda a, m: (1 - rate) * a + rate * m, average, mean)
         deltas = [jax.tree.map(lambda g, a: (1 - gate) * g + gate * a, g, average) for g in grads]
         return deltas, average
@@ -77,7 +79,9 @@ def _share(grads, average, rate, gate, tasks):
 def _sgd(params, deltas, lr, tasks, shared, num_tasks):
     if tasks == "unroll":
         plist = [params] * num_tasks if shared else params
-        return [jax.tree.map(lambda p, d: p - lr * d, p, d) for p, d in zip(plist, deltas)]
+        return [
+            jax.tree.map(lambda p, d: p - lr * d, p, d) for p, d in zip(plist, deltas, strict=True)
+        ]
     # Broadcasting the shared params against the per-task deltas gives per-task params.
     return jax.tree.map(lambda p, d: p - lr * d, params, deltas)
 
@@ -158,7 +162,8 @@ def make_step(method, loss_fn, num_steps, lr, outer, variant):
             loss_fn, params, support, num_steps, lr, variant,
             first_order=method == "fomaml", share=share,
         )  # fmt: skip
-        return _query_loss(loss_fn, adapted, query, tasks_mode), average
+        loss = _query_loss(loss_fn, adapted, query, tasks_mode)
+        return loss, (() if share is None else average)
 
     def step(state, tasks):
         params, learned, opt_state, average = state

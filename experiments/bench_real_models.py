@@ -1,4 +1,4 @@
-"""Benchmark section "real_models": meta-steps on Conv-4 and ResNet-12, beside JAX by hand and PyTorch.
+"""Benchmark section "real_models": Conv-4 and ResNet-12 meta-steps beside JAX by hand, PyTorch.
 
 Few-shot classification steps as in the papers: 5-way 1- and 5-shot episodes, 15 queries per
 class, meta-batch 4, K inner SGD steps (learning rate 0.01), outer Adam 1e-3, on
@@ -32,6 +32,7 @@ Images are random: the step time does not depend on the pixels.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 import time
 
@@ -62,26 +63,53 @@ except ModuleNotFoundError:  # the `bench` extra is not installed
 MODELS = ("conv4", "resnet12")
 METHODS = ("maml", "fomaml", "reptile", "grad_share")
 WAYS, QUERIES, META_BATCH, INNER_LR, OUTER_LR = 5, 15, 4, 0.01, 1e-3
-STRATEGIES = ("auto/auto", "unroll/unroll", "unroll/scan", "vmap/scan", "map/scan")
 CHECK_STEPS, CHECK_RTOL = 2, 1e-3
+# Values of the unset selection flags when some are set.
+DEFAULTS = (["conv4"], [1], [5], list(METHODS))
+_K5 = [("conv4", 1, 5, m) for m in METHODS]
+PRESETS = {
+    # A few minutes: the headline rows only.
+    "quick": dict(
+        settings=[("conv4", 1, 5, "maml")],
+        strategies=("auto/auto",),
+        hand=("unroll/unroll", "vmap/scan"),
+        compile_ks=(),
+    ),
+    # About 15 minutes on 2 idle cores.
+    "default": dict(
+        settings=_K5
+        + [("conv4", 5, 5, "maml"), ("conv4", 1, 1, "maml"), ("conv4", 1, 10, "maml")]
+        + [("resnet12", 1, 1, "maml")],
+        strategies=("auto/auto", "vmap/scan", "unroll/unroll"),
+        hand=("unroll/unroll", "vmap/scan"),
+        compile_ks=(50,),
+    ),
+    # Everything: hours on a small CPU.
+    "full": dict(
+        settings=list(itertools.product(MODELS, (1, 5), (1, 5, 10), METHODS)),
+        strategies=("auto/auto", "unroll/unroll", "unroll/scan", "vmap/scan", "map/scan"),
+        hand=VARIANTS,
+        compile_ks=(50,),
+    ),
+}
 
 
 def add_arguments(parser):
     group = parser.add_argument_group("real_models")
     add = group.add_argument
-    add("--real-models", nargs="*", choices=MODELS, default=list(MODELS), help="models")
-    add("--real-shots", nargs="*", type=int, default=[1, 5], help="shots per class")
-    add("--real-ks", nargs="*", type=int, default=[1, 5, 10], help="inner steps K")
-    add("--real-methods", nargs="*", choices=METHODS, default=list(METHODS), help="methods")
-    add("--real-strategies", nargs="*", default=list(STRATEGIES), help="mg task_loop/step_loop")
-    add("--real-hand", nargs="*", choices=VARIANTS, default=list(VARIANTS), help="JAX by hand")
+    add("--real-preset", choices=sorted(PRESETS), default="default", help="what to time")
+    add("--real-models", nargs="*", choices=MODELS, default=None, help="models (with the next")
+    add("--real-shots", nargs="*", type=int, default=None, help="three: their product")
+    add("--real-ks", nargs="*", type=int, default=None, help="inner steps K")
+    add("--real-methods", nargs="*", choices=METHODS, default=None, help="methods")
+    add("--real-strategies", nargs="*", default=None, help="mg task_loop/step_loop pairs")
+    add("--real-hand", nargs="*", choices=VARIANTS, default=None, help="hand-written variants")
     add("--real-rounds", type=int, default=5, help="interleaved timing rounds")
     add("--real-iters", type=int, default=2, help="meta-steps per entry and round")
     add("--real-conv4-channels", type=int, default=32, help="Conv-4 channels (paper: 32 or 64)")
     add("--real-resnet-image", type=int, default=32, help="ResNet-12 input size (papers: 84)")
     add("--real-resnet-width", type=float, default=1.0, help="ResNet-12 channel factor")
-    add("--real-resnet-ks", nargs="*", type=int, default=None, help="K for ResNet-12 only")
-    add("--real-compile-ks", nargs="*", type=int, default=[50], help="compile-only K (maml)")
+    add("--real-compile-ks", nargs="*", type=int, default=None, help="compile-only K (maml)")
     add("--no-real-torch", dest="real_torch", action="store_false", help="skip PyTorch")
     add("--no-real-check", dest="real_check", action="store_false", help="skip the guard")
     add("--no-real-sinusoid", dest="real_sinusoid", action="store_false", help="skip MLP rows")
@@ -230,7 +258,7 @@ def _jax_entry(name, fn, state, inputs):
     return Entry(name, run, lambda: jax.block_until_ready(box[0]), seconds, memory)
 
 
-def _entries(model, shots, num_steps, method, args, strategies, use_torch, log):
+def _entries(model, shots, num_steps, method, hand, strategies, use_torch, log):
     tasks = episodes(model, shots)
     inputs = pooled(tasks) if method == "reptile" else tasks
     adam = optax.adam(OUTER_LR)
@@ -243,9 +271,12 @@ def _entries(model, shots, num_steps, method, args, strategies, use_torch, log):
             entries.append(_jax_entry(name, learner.step, state, inputs))
         except Exception as e:  # noqa: BLE001 - report and go on
             log(f"    {name}: {type(e).__name__}: {e}")
-    for variant in getattr(args, "real_hand", VARIANTS):
+            continue
+        log(f"    compiled {name} in {entries[-1].compile_s:.1f} s")
+    for variant in hand:
         init, step = hand_step(method, model.loss_fn, num_steps, INNER_LR, adam, variant)
         entries.append(_jax_entry(f"hand {variant}", jax.jit(step), init(model.params), inputs))
+        log(f"    compiled hand {variant} in {entries[-1].compile_s:.1f} s")
     if use_torch:
         ref = tref.TorchMeta(method, model.name, model.params, num_steps, INNER_LR, "adam")
         t_inputs = _torch_inputs(method, tasks)
@@ -272,57 +303,64 @@ def _fmt(x, digits=3):
     return None if x is None else float(f"{x:.{digits}g}")
 
 
+def settings(args) -> list[tuple]:
+    """``(model, shots, K, method)`` to time: the preset's, or the product of the flags."""
+    flags = [getattr(args, f"real_{n}", None) for n in ("models", "shots", "ks", "methods")]
+    if all(f is None for f in flags):
+        return PRESETS[getattr(args, "real_preset", "default")]["settings"]
+    models, shots, ks, methods = (
+        f if f is not None else d for f, d in zip(flags, DEFAULTS, strict=True)
+    )
+    return list(itertools.product(models, shots, ks, methods))
+
+
 def run(args) -> list[dict]:
     log = lambda msg: print(msg, flush=True)
+    preset = PRESETS[getattr(args, "real_preset", "default")]
     rows = []
     use_torch = getattr(args, "real_torch", True) and torch is not None
     if torch is None:
         log("  real_models: torch is not installed (pip install 'metagrad[bench]'): no torch rows")
     elif use_torch:
         torch.set_num_threads(2)
-    strategies = list(getattr(args, "real_strategies", STRATEGIES))
+    strategies = getattr(args, "real_strategies", None) or list(preset["strategies"])
     if not strategy_keywords_supported():
         log(
             f"  real_models: metagrad at {mg.__file__} has no task_loop/step_loop keywords: "
             f"skipping the strategy rows {strategies}, timing its default only"
         )
         strategies = [None]
-    methods = getattr(args, "real_methods", METHODS)
+    hand = getattr(args, "real_hand", None) or list(preset["hand"])
     rounds, iters = getattr(args, "real_rounds", 5), getattr(args, "real_iters", 2)
-    for model_name in getattr(args, "real_models", MODELS):
-        model = make_model(model_name, args)
-        log(f"  {model.label}")
-        ks = getattr(args, "real_ks", [1, 5, 10])
-        if model_name == "resnet12" and getattr(args, "real_resnet_ks", None):
-            ks = args.real_resnet_ks
-        bad = set()
-        if getattr(args, "real_check", True):
-            for method in methods:
-                row = check(model, method, use_torch)
-                log("    check " + "  ".join(f"{k}={v}" for k, v in row.items()))
-                rows.append(row)
-                if not row["ok"]:
-                    bad.add(method)
-        for shots in getattr(args, "real_shots", [1, 5]):
-            for num_steps in ks:
-                for method in methods:
-                    if method in bad:
-                        log(f"    {method}: correctness check failed, not timed")
-                        continue
-                    entries = _entries(
-                        model, shots, num_steps, method, args, strategies, use_torch, log
-                    )
-                    speed = _time(entries, rounds, iters)
-                    rows += _rows(model, shots, num_steps, method, entries, speed, log)
-        for num_steps in getattr(args, "real_compile_ks", [50]):
-            learner = mg_learner("maml", model, num_steps, optax.adam(OUTER_LR), strategies[0])
-            tasks = episodes(model, 1)
-            _, seconds, memory = _compile(learner.step, learner.init(model.params), tasks)
-            row = {"model": model.label, "shots": 1, "K": num_steps, "method": "maml"}
-            row |= {"impl": f"mg {strategies[0] or 'default'} (compile only)"}
-            row |= {"compile_s": _fmt(seconds), "memory_MB": _fmt(memory / 2**20)}
-            log(f"    compile only: K={num_steps} {seconds:.1f} s")
+    todo = settings(args)
+    models = {name: make_model(name, args) for name in dict.fromkeys(s[0] for s in todo)}
+    bad = set()
+    if getattr(args, "real_check", True):
+        for name, method in dict.fromkeys((s[0], s[3]) for s in todo):
+            row = check(models[name], method, use_torch)
+            log("  check " + "  ".join(f"{k}={v}" for k, v in row.items()))
             rows.append(row)
+            if not row["ok"]:
+                bad.add((name, method))
+    for name, shots, num_steps, method in todo:
+        model = models[name]
+        if (name, method) in bad:
+            log(f"  {model.label} {method}: correctness check failed, not timed")
+            continue
+        log(f"  {model.label}, {shots}-shot, K={num_steps}, {method}")
+        entries = _entries(model, shots, num_steps, method, hand, strategies, use_torch, log)
+        speed = _time(entries, rounds, iters)
+        rows += _rows(model, shots, num_steps, method, entries, speed, log)
+    compile_ks = getattr(args, "real_compile_ks", None)
+    for num_steps in preset["compile_ks"] if compile_ks is None else compile_ks:
+        model = models.get("conv4") or make_model("conv4", args)
+        learner = mg_learner("maml", model, num_steps, optax.adam(OUTER_LR), strategies[0])
+        _, seconds, memory = _compile(learner.step, learner.init(model.params), episodes(model, 1))
+        row = {"model": model.label, "shots": 1, "K": num_steps, "method": "maml"}
+        row |= {"impl": f"mg {strategies[0] or 'default'} (compile only)"}
+        row |= {"compile_s": _fmt(seconds), "memory_MB": _fmt(memory / 2**20)}
+        log(f"  compile only, maml K={num_steps}: {seconds:.1f} s")
+        rows.append(row)
     if getattr(args, "real_sinusoid", True):
         for row in bench_meta.run(args):
             rows.append({"model": "sinusoid MLP (section meta)", **row})

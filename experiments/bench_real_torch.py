@@ -33,7 +33,9 @@ class Conv4(nn.Module):
     def __init__(self, in_channels, hidden, features, ways):
         super().__init__()
         chans = [in_channels] + [hidden] * 4
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans, chans[1:]))
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:], strict=True)
+        )
         self.head = nn.Linear(features, ways)
 
     def forward(self, x):
@@ -47,9 +49,7 @@ class Conv4(nn.Module):
 class _Stage(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
-        self.convs = nn.ModuleList(
-            nn.Conv2d(a, cout, 3, padding=1) for a in (cin, cout, cout)
-        )
+        self.convs = nn.ModuleList(nn.Conv2d(a, cout, 3, padding=1) for a in (cin, cout, cout))
         self.short = nn.Conv2d(cin, cout, 1)
 
     def forward(self, x):
@@ -68,7 +68,9 @@ class ResNet12(nn.Module):
     def __init__(self, channels, ways):
         super().__init__()
         chans = list(channels)
-        self.stages = nn.ModuleList(_Stage(a, b) for a, b in zip(chans, chans[1:]))
+        self.stages = nn.ModuleList(
+            _Stage(a, b) for a, b in zip(chans[:-1], chans[1:], strict=True)
+        )
         self.head = nn.Linear(chans[-1], ways)
 
     def forward(self, x):
@@ -94,8 +96,8 @@ def build(model: str, params):
 
 def to_torch_batch(images, labels):
     """``[T, N, H, W, C]`` images and ``[T, N]`` labels as torch tensors (images NCHW)."""
-    x = torch.from_numpy(np.asarray(images, np.float32)).permute(0, 1, 4, 2, 3).contiguous()
-    return x, torch.from_numpy(np.asarray(labels, np.int64))
+    x = torch.from_numpy(np.array(images, np.float32)).permute(0, 1, 4, 2, 3).contiguous()
+    return x, torch.from_numpy(np.array(labels, np.int64))
 
 
 class TorchMeta:
@@ -157,7 +159,7 @@ class TorchMeta:
             inv = [torch.rsqrt(sum((g * g).sum() for g in gs)) for gs in grads]
             average = {
                 n: (1 - rates[k]) * average[n]
-                + rates[k] * sum(i * gs[j] for i, gs in zip(inv, grads)) / num_tasks
+                + rates[k] * sum(i * gs[j] for i, gs in zip(inv, grads, strict=True)) / num_tasks
                 for j, n in enumerate(self.params)
             }
             fast = [

@@ -120,9 +120,7 @@ def _conv(x, w, b):
 RESNET12_CHANNELS = (64, 160, 320, 640)
 
 
-def resnet12_init(
-    key, in_channels: int, num_classes: int, width: float = 1.0, dtype=jnp.float32
-):
+def resnet12_init(key, in_channels: int, num_classes: int, width: float = 1.0, dtype=jnp.float32):
     """ResNet-12 of the few-shot literature (MetaOptNet, TADAM), without batch norm.
 
     Four residual stages of three 3×3 convolutions (leaky ReLU 0.1 between them) plus a
