@@ -18,8 +18,8 @@ of ``memory_analysis()``) of
   installed metagrad takes these keywords, else its default;
 - the hand-written JAX programs of `experiments.bench_real_jax` (four variants; the fastest is
   "best hand-written", the ratio's denominator);
-- PyTorch (`experiments.bench_real_torch`, ``torch.set_num_threads(2)``) when installed
-  (``pip install "metagrad[bench]"``).
+- PyTorch (`experiments.bench_real_torch`, ``torch.set_num_threads(2)`` unless
+  ``--real-torch-threads``) when installed (``pip install "metagrad[bench]"``).
 
 Before timing, a correctness guard runs one step (K = 2, outer SGD with rate 1, so the
 params move by exactly the meta-gradient) of each method through metagrad, the hand-written
@@ -80,7 +80,8 @@ PRESETS = {
         settings=_K5
         + [("conv4", 5, 5, "maml"), ("conv4", 1, 1, "maml"), ("conv4", 1, 10, "maml")]
         + [("resnet12", 1, 1, "maml")],
-        strategies=("auto/auto", "vmap/scan", "unroll/unroll"),
+        # On CPU "auto" is unroll/unroll for these K; vmap/scan was the only path before.
+        strategies=("auto/auto", "vmap/scan"),
         hand=("unroll/unroll", "vmap/scan"),
         compile_ks=(50,),
     ),
@@ -110,6 +111,7 @@ def add_arguments(parser):
     add("--real-resnet-image", type=int, default=32, help="ResNet-12 input size (papers: 84)")
     add("--real-resnet-width", type=float, default=1.0, help="ResNet-12 channel factor")
     add("--real-compile-ks", nargs="*", type=int, default=None, help="compile-only K (maml)")
+    add("--real-torch-threads", type=int, default=2, help="torch.set_num_threads")
     add("--no-real-torch", dest="real_torch", action="store_false", help="skip PyTorch")
     add("--no-real-check", dest="real_check", action="store_false", help="skip the guard")
     add("--no-real-sinusoid", dest="real_sinusoid", action="store_false", help="skip MLP rows")
@@ -322,7 +324,9 @@ def run(args) -> list[dict]:
     if torch is None:
         log("  real_models: torch is not installed (pip install 'metagrad[bench]'): no torch rows")
     elif use_torch:
-        torch.set_num_threads(2)
+        # With other processes on the cores, 2 threads can be several times slower than 1
+        # (OpenMP threads wait on each other): measure on an idle machine.
+        torch.set_num_threads(getattr(args, "real_torch_threads", 2))
     strategies = getattr(args, "real_strategies", None) or list(preset["strategies"])
     if not strategy_keywords_supported():
         log(
