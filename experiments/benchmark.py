@@ -18,6 +18,7 @@ SECTIONS = {
     "meta": "experiments.bench_meta",
     "reptile": "experiments.bench_reptile",
     "grad_share": "experiments.bench_grad_share",
+    "real_models": "experiments.bench_real_models",
 }
 
 
