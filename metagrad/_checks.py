@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 
 def _is_number(x: Any) -> bool:
@@ -212,3 +213,15 @@ def booleans(**flags: Any) -> None:
     """Checks every keyword argument with `boolean`, naming the first that fails."""
     for name, value in flags.items():
         boolean(name, value)
+
+
+def as_optimizer(name: str, value: Any) -> optax.GradientTransformation:
+    """Returns `value` as an optax transformation; an `optax.MultiSteps` is converted."""
+    if isinstance(value, optax.MultiSteps):
+        return value.gradient_transformation()
+    if not isinstance(value, optax.GradientTransformation):
+        raise TypeError(
+            f"{name} must be an optax GradientTransformation (or optax.MultiSteps), "
+            f"got {value!r} of type {type(value).__name__}"
+        )
+    return value

@@ -225,10 +225,7 @@ def maml(
     inner_steps = _checks.positive_int("inner_steps", inner_steps)
     _check_axis_name(axis_name)
     _loops.check(task_loop, step_loop)
-    if not isinstance(outer, optax.GradientTransformation):
-        raise TypeError(
-            f"outer must be an optax GradientTransformation, got {type(outer).__name__}"
-        )
+    outer = _checks.as_optimizer("outer", outer)
     for name, flag in [
         ("first_order", first_order),
         ("remat", remat),

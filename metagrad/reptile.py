@@ -57,8 +57,8 @@ def _outer_transform(outer_lr: Any, name: str = "outer_lr") -> optax.GradientTra
     "gradient" and its update is added to φ, so a learning rate η maps to
     plain SGD: update = −η·MG.
     """
-    if isinstance(outer_lr, optax.GradientTransformation):
-        return outer_lr
+    if isinstance(outer_lr, (optax.GradientTransformation, optax.MultiSteps)):
+        return _checks.as_optimizer(name, outer_lr)
     outer_lr = _checks.hyperparameter(
         name,
         outer_lr,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -16,8 +17,15 @@ def run_on_four_devices(args: list[str]) -> Any:
     """Runs ``python *args`` with 4 faked CPU devices; returns its ``RESULT <json>`` line.
 
     The device count must be set before JAX starts, hence a subprocess. The repository root
-    is put on its ``PYTHONPATH`` so it imports this checkout's metagrad.
+    is put on its ``PYTHONPATH`` so it imports this checkout's metagrad. The result is kept
+    for the test process (a module fixture is set up again when its module's tests are
+    interleaved with others on a worker; the subprocess need not run again).
     """
+    return _run(tuple(args))
+
+
+@functools.cache
+def _run(args: tuple[str, ...]) -> Any:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"

@@ -143,10 +143,10 @@ def main() -> None:
         results[f"{name}/tasks_devices"] = num_devices(sharded)
 
     # Meta-steps with `axis_name` under shard_map (check_vma True and False) and pmap, each
-    # device holding a slice of the tasks (seq_reptile: of every batch's examples), against
-    # the same learner without an axis on one device: 3 outer steps, states and metrics.
-    seq_tasks = (jnp.array([0, 2, 1], jnp.int32), data(3, 8))
-
+    # device holding a slice of the tasks, against the same learner without an axis on one
+    # device: 3 outer steps, states and metrics. The conformance battery runs every learner
+    # and inner rule through these modes; here, what it does not: a kept inner state and the
+    # unrolled task loop.
     def axis_learners(axis):
         kw = dict(axis_name=axis)
         return {
@@ -161,31 +161,14 @@ def main() -> None:
             "maml_unroll": mg.maml(
                 loss, optax.sgd(0.1), 2, optax.adam(1e-2), task_loop="unroll", **kw
             ),
-            "fomaml": mg.fomaml(loss, optax.sgd(0.1), 2, optax.adam(1e-2), **kw),
-            "grad_share": mg.maml(
-                loss, mg.grad_share(0.1, axis_name=axis), 2, optax.adam(1e-2), **kw
-            ),
-            "reptile": mg.reptile(
-                loss, optax.adam(0.05), 3, optax.adam(0.1), reset_inner_state=False, **kw
-            ),
-            "seq_reptile": mg.seq_reptile(lambda p, b, t: loss(p, b), optax.sgd(0.1), 3, 0.5, **kw),
         }
 
-    def task_spec(name):
-        return (P(), P(None, "d")) if name == "seq_reptile" else P("d")
-
-    def split(name, tree):  # for pmap: a leading device axis
-        if name == "seq_reptile":
-            ids, batches = tree
-            parts = jax.tree.map(lambda x: jnp.stack(jnp.split(x, n_dev, axis=1)), batches)
-            return jnp.stack([ids] * n_dev), parts
+    def split(tree):  # for pmap: a leading device axis
         return jax.tree.map(lambda x: x.reshape((n_dev, -1) + x.shape[1:]), tree)
 
     singles, multis = axis_learners(None), axis_learners("d")
     for name, single in singles.items():
-        tasks = (
-            seq_tasks if name == "seq_reptile" else (support if "reptile" in name else maml_tasks)
-        )
+        tasks = maml_tasks
         s1 = single.init(params)
         for _ in range(3):
             s1, m1 = single.step(s1, tasks)
@@ -194,13 +177,13 @@ def main() -> None:
             if mode == "pmap":
                 step = jax.pmap(multi.step, axis_name="d")
                 s2 = jax.tree.map(lambda x: jnp.stack([x] * n_dev), multi.init(params))
-                local = split(name, tasks)
+                local = split(tasks)
             else:
                 step = jax.jit(
                     jax.shard_map(
                         multi.step,
                         mesh=mesh,
-                        in_specs=(P(), task_spec(name)),
+                        in_specs=(P(), P("d")),
                         out_specs=(P(), P()),
                         check_vma=mode == "shard_map_check_vma",
                     )

@@ -225,8 +225,8 @@ def cell_multisteps(method):
     b = baseline(method.name)
     p0, (ba, bb) = cm.initial_params(), b.batches[:2]
     if method.kind == "meta":
-        # The meta-learners take optax's GradientTransformation form of MultiSteps.
-        multi = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2).gradient_transformation()
+        # The meta-learners take an optax.MultiSteps as their outer optimizer.
+        multi = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2)
         h = cm.harness(method, outer=multi)
         rec = cm.harness(method, outer=_Recorder.make())
         # The meta-gradients of the two mini-steps, taken at unmoved params and with the

@@ -126,6 +126,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
+# One worker runs the whole module, so the subprocess runs once.
+pytestmark = pytest.mark.xdist_group("dotprod-multidevice")
+
+
 @pytest.fixture(scope="module")
 def errors():
     return run_on_four_devices(["-c", SCRIPT])
