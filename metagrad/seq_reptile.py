@@ -90,9 +90,9 @@ def seq_reptile(
         runs one trajectory, with no task axis to execute, so it has no
         effect.
       step_loop: how the K inner steps are executed: ``"scan"``,
-        ``"unroll"`` or ``"auto"`` (on CPU unrolled while the unrolled program
-        is small, else a scan; a scan on GPU/TPU; the rule of `metagrad.maml`). Every strategy gives
-        the same numbers.
+        ``"unroll"`` or ``"auto"`` (on CPU, unrolled for a convolutional loss
+        while the unrolled program is small, else a scan; a scan on GPU/TPU;
+        the rule of `metagrad.maml`). Every strategy gives the same numbers.
 
     A non-finite batch loss makes the meta-gradient non-finite; pass
     ``outer=optax.apply_if_finite(opt, max_consecutive_errors)`` to skip such
@@ -174,8 +174,9 @@ def seq_reptile(
         phi = state.params
         inner_state = inner.init(phi) if reset_inner_state else state.inner_state
         one = jax.tree.map(lambda x: x[0], tagged)
+        # One trajectory: "auto" makes it the single unrolled task of a convolutional loss.
         _, step_mode = _loops.resolve(
-            "vmap",
+            "auto",
             step_loop,
             num_tasks=1,
             num_steps=inner_steps,

@@ -54,7 +54,8 @@ def _bad_values(integer, low, inclusive):
         # A float where a count is expected: NaN and 2.0 alike, as numbers or arrays.
         cases += [("nan", float("nan"), TypeError),
                   ("nan-array", jnp.array(jnp.nan), TypeError),
-                  ("float", 2.0, TypeError), ("float-array", jnp.array(2.0), TypeError)]  # fmt: skip
+                  ("float", 2.0, TypeError),
+                  ("float-array", jnp.array(2.0), TypeError)]  # fmt: skip
     else:
         cases += [("nan", float("nan"), ValueError), ("nan-array", jnp.array(jnp.nan), ValueError),
                   ("inf", float("inf"), ValueError),

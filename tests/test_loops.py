@@ -150,7 +150,7 @@ def test_auto_rule():
     assert jax.default_backend() == "cpu"
     resolve = functools.partial(_loops.resolve, "auto", "auto")
     assert resolve(num_tasks=4, num_steps=5, jaxpr=conv) == ("unroll", "unroll")
-    assert resolve(num_tasks=25, num_steps=5, jaxpr=dense) == ("vmap", "unroll")
+    assert resolve(num_tasks=25, num_steps=5, jaxpr=dense) == ("vmap", "scan")
     # Beyond the budget of unrolled equations, the steps run in a scan.
     size = _loops.loss_stats(conv)[1]
     longest = _loops.CPU_UNROLL_BUDGET // (4 * size)
