@@ -222,7 +222,7 @@ def cheap_loss(params, batch):
     return jnp.mean(batch) * sum(jnp.sum(jnp.tanh(p)) for p in jax.tree.leaves(params))
 
 
-def _reset_peak_rss() -> int | None:
+def reset_peak_rss() -> int | None:
     """Frees what can be freed and resets the peak RSS; the current RSS (None off Linux)."""
     gc.collect()
     try:
@@ -230,10 +230,10 @@ def _reset_peak_rss() -> int | None:
         pathlib.Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return None
-    return _status("VmRSS")
+    return rss_status("VmRSS")
 
 
-def _status(key: str) -> int:
+def rss_status(key: str) -> int:
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
@@ -243,11 +243,11 @@ def _status(key: str) -> int:
 def _cost(learner, params, tasks, iters):
     """Trace + lowering time, host memory during them, compiled temp memory, step time."""
     state = learner.init(params)
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     start = time.perf_counter()
     lowered = learner.step.trace(state, tasks).lower()
     trace = time.perf_counter() - start
-    host = None if base is None else _status("VmHWM") - base
+    host = None if base is None else rss_status("VmHWM") - base
     compiled = lowered.compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     step = None

@@ -77,16 +77,20 @@ def random_logits(rng, steps, per_layer, params):
     return jnp.asarray(rng.normal(size=steps))
 
 
-# Task batches of 1 (sharing with earlier tasks only) and 5 (concurrent tasks).
+# Task batches of 1 (sharing with earlier tasks only) and 5 (concurrent tasks); the rule's
+# arithmetic on one flat vector (the default) and leaf by leaf.
 @pytest.mark.parametrize(
-    "normalize, per_layer, num_tasks",
-    [("task", False, 5), ("layer", True, 1), ("none", False, 3)],
-)
-def test_matches_naive_loop_over_inner_and_outer_steps(x64, normalize, per_layer, num_tasks):
+    "normalize, per_layer, num_tasks, layout",
+    [("task", False, 5, "flat"), ("layer", True, 1, "flat"), ("none", False, 3, "flat"),
+     ("task", False, 3, "leaves"), ("layer", True, 2, "leaves")],
+)  # fmt: skip
+def test_matches_naive_loop_over_inner_and_outer_steps(
+    x64, normalize, per_layer, num_tasks, layout
+):
     rng = np.random.default_rng(0)
     steps = 3
     params = make_params(rng)
-    rule = mg.grad_share(ALPHA, normalize=normalize, per_layer=per_layer)
+    rule = mg.grad_share(ALPHA, normalize=normalize, per_layer=per_layer, layout=layout)
     # Outer learning rate 0 keeps θ, m and λ fixed, isolating the inner arithmetic.
     learner = mg.maml(loss_fn, rule, steps, optax.sgd(0.0))
     state = learner.init(params)
@@ -111,7 +115,8 @@ def test_matches_naive_loop_over_inner_and_outer_steps(x64, normalize, per_layer
     # Meta-test adaptation starts from the stored average (or zero), one task, 4 steps.
     for carry_into_eval in (True, False):
         rule = mg.grad_share(
-            ALPHA, normalize=normalize, per_layer=per_layer, carry_into_eval=carry_into_eval
+            ALPHA, normalize=normalize, per_layer=per_layer, carry_into_eval=carry_into_eval,
+            layout=layout,
         )
         tester = mg.maml(loss_fn, rule, steps, optax.sgd(0.0))
         task = jax.tree.map(lambda x: x[:1], make_tasks(rng, 1)[0])
@@ -241,36 +246,6 @@ def test_experiment_tiny_budget_writes_finite_results(tmp_path):
         (m, f) for m in ("maml", "maml+grad_share") for f in (1.0, 10.0)
     }
     assert all(r["experiment"] == "grad_share" and np.isfinite(r["final_loss"]) for r in rows)
-
-
-@pytest.mark.parametrize(
-    "normalize, per_layer, num_tasks", [("task", False, 3), ("layer", True, 2)]
-)
-def test_leaf_by_leaf_layout_matches_naive_loop(x64, normalize, per_layer, num_tasks):
-    # The same arithmetic stored leaf by leaf instead of in one flat vector.
-    rng = np.random.default_rng(4)
-    steps = 2
-    params = make_params(rng)
-    rule = mg.grad_share(ALPHA, normalize=normalize, per_layer=per_layer, layout="leaves")
-    learner = mg.maml(loss_fn, rule, steps, optax.sgd(0.0))
-    momentum = random_logits(rng, steps, per_layer, params)
-    gate = random_logits(rng, steps, per_layer, params)
-    state = learner.init(params)._replace(inner_params=mg.GradShareParams(momentum, gate, ()))
-    to_np = lambda tree: jax.tree.map(np.asarray, tree)
-    average = {k: np.zeros_like(v) for k, v in to_np(params).items()}
-    for _ in range(2):
-        support, query = make_tasks(rng, num_tasks)
-        state, metrics = learner.step(state, (support, query))
-        thetas, average = naive_inner(
-            to_np(params), average, support, to_np(momentum), to_np(gate), steps,
-            normalize, per_layer,
-        )  # fmt: skip
-        post = np.mean(
-            [loss_fn(theta, (query[0][t], query[1][t])) for t, theta in enumerate(thetas)]
-        )
-        np.testing.assert_allclose(metrics["loss_post"], post, rtol=1e-10)
-        for name in ("u", "v"):
-            np.testing.assert_allclose(state.carry.average[name], average[name], rtol=1e-10)
 
 
 def test_unknown_layout_is_rejected():

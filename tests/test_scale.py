@@ -16,10 +16,7 @@ the compiled program's buffers are the method's own. Two promises are checked:
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +24,7 @@ import optax
 import pytest
 
 import metagrad as mg
-from experiments.bench_grad_share import resnet12_shapes
+from experiments.bench_grad_share import reset_peak_rss, resnet12_shapes, rss_status
 
 TASKS, STEPS, AGG_TASKS = 2, 2, 3  # B tasks per meta-batch, K inner steps, T stacked tasks
 PARAMS = {
@@ -149,33 +146,6 @@ TEMP_BOUNDS = {
     "mtl_sum": (_aggregate(mg.mtl_sum), AGG_TASKS + 1),
 }
 
-_CLEAR_REFS = pathlib.Path("/proc/self/clear_refs")
-
-
-def _reset_peak_rss() -> int:
-    """Frees what can be freed, resets the peak RSS (Linux), returns the current RSS."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    _CLEAR_REFS.write_text("5")
-    return _status("VmRSS")
-
-
-def _status(key: str) -> int:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _can_measure_rss() -> bool:
-    try:
-        _CLEAR_REFS.write_text("5")
-        ctypes.CDLL("libc.so.6")
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def warm():
     # The first lowering of a process sets up MLIR and XLA's compiler: not the method's cost.
@@ -186,12 +156,11 @@ def warm():
 def test_resnet12_sized_tree_traces_compiles_within_memory_bounds(name, warm):
     assert len(PARAMS) == 50 and 12e6 < PARAM_BYTES / 4 < 13e6
     build, bound = TEMP_BOUNDS[name]
-    measure_rss = _can_measure_rss()
-    start = _reset_peak_rss() if measure_rss else 0
+    start = reset_peak_rss()  # None where the peak RSS cannot be reset (not Linux)
     step, args = build()
     lowered = step.trace(*args).lower()
-    if measure_rss:
-        host = _status("VmHWM") - start
+    if start is not None:
+        host = rss_status("VmHWM") - start
         assert host < HOST_BOUND * PARAM_BYTES, (
             f"{name}: tracing and lowering took {host / 2**20:.0f} MB of host memory, more than "
             f"{HOST_BOUND} x the parameters ({PARAM_BYTES / 2**20:.0f} MB)"
