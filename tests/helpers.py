@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -21,10 +24,28 @@ def run_on_four_devices(args: list[str]) -> Any:
     for the test process (a module fixture is set up again when its module's tests are
     interleaved with others on a worker; the subprocess need not run again).
     """
-    return _run(tuple(args))
+    return _shared(tuple(args))
 
 
 @functools.cache
+def _shared(args: tuple[str, ...]) -> Any:
+    # Under pytest-xdist the workers of one run share a run id: the first worker to get here
+    # runs the subprocess and leaves its result in a file; the others wait on the lock and read
+    # it (a module's tests can be spread over workers).
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:
+        return _run(args)
+    key = hashlib.sha256("\0".join(args).encode()).hexdigest()[:16]
+    path = pathlib.Path(tempfile.gettempdir()) / f"metagrad-devices-{run_id}-{key}.json"
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return json.loads(path.read_text())
+        result = _run(args)
+        path.write_text(json.dumps(result))
+        return result
+
+
 def _run(args: tuple[str, ...]) -> Any:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
