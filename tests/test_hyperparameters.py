@@ -127,7 +127,7 @@ def test_tracers_pass_through_inject_hyperparams_and_jit():
 
 def test_shared_check_forms():
     # The one check behind the above, on the forms the public functions do not all use.
-    from metagrad._checks import hyperparameter
+    from metagrad._src.checks import hyperparameter
 
     assert hyperparameter("b", np.float32(0.5), low=0, high=1) == 0.5
     with pytest.raises(ValueError, match=r"^b must be in \(0, 1\], got 2.0"):

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import metagrad as mg
-from metagrad import _loops
+from metagrad._src import loops as _loops
 
 TASKS, STEPS = 2, 2
 COMBOS = [(t, s) for t in ("vmap", "map", "unroll") for s in ("scan", "unroll")]

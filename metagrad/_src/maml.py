@@ -23,12 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import _checks, _loops
-from metagrad._base import LossFn, MetaLearner, Params, keep_if_finite
-from metagrad._inner import InnerRule, as_inner_rule
-from metagrad._maml_loop import broadcast, check_loss, check_tasks, inner_loop
-from metagrad.adapt import to_invariant, to_varying
-from metagrad.reptile import _check_axis_name
+from metagrad._src import checks as _checks
+from metagrad._src import loops as _loops
+from metagrad._src.base import LossFn, MetaLearner, Params, keep_if_finite
+from metagrad._src.inner_rules import InnerRule, as_inner_rule
+from metagrad._src.maml_loop import broadcast, check_loss, check_tasks, inner_loop
+from metagrad._src.adapt import to_invariant, to_varying
+from metagrad._src.reptile import _check_axis_name
 
 
 class MAMLState(NamedTuple):

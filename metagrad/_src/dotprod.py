@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import _checks
-from metagrad.hvp import _as_arrays, _check_grad_output, _fd_hvp, _hvp_with_grad, fd_step
+from metagrad._src import checks as _checks
+from metagrad._src.hvp import _as_arrays, _check_grad_output, _fd_hvp, _hvp_with_grad, fd_step
 
 _SCHEMES = ("forward", "central", "exact")
 

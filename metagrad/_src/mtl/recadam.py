@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metagrad import _checks
+from metagrad._src import checks as _checks
 
 # Adam decay rates: in [0, 1).
 _DECAY = dict(low=0, low_inclusive=True, high=1, high_inclusive=False)

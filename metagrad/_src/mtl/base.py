@@ -1,4 +1,4 @@
-"""Building blocks shared by the multi-task aggregators (`metagrad.mtl`, `metagrad._gradnorm`).
+"""Building blocks shared by the multi-task aggregators (`metagrad._src.mtl.surgery`, `metagrad._src.mtl.gradnorm`).
 
 An aggregator maps per-task gradients stacked on a leading task axis (leaves ``[T, *shape]``)
 to one combined gradient (leaves ``[*shape]``). Because it changes the updates' shapes it can
@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metagrad import _base, _checks
+from metagrad._src import base as _base
+from metagrad._src import checks as _checks
 
 REDUCTIONS = ("sum", "mean")
 # Grams, projections and task-weighted sums at full precision (a TPU's default rounds

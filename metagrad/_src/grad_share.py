@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import _checks
-from metagrad._base import Params
-from metagrad._inner import InnerRule, as_inner_rule, step_index
+from metagrad._src import checks as _checks
+from metagrad._src.base import Params
+from metagrad._src.inner_rules import InnerRule, as_inner_rule, step_index
 
 
 class GradShareParams(NamedTuple):

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from metagrad import _checks
+from metagrad._src import checks as _checks
 
 TASK_LOOPS = ("auto", "vmap", "map", "unroll")
 STEP_LOOPS = ("auto", "scan", "unroll")

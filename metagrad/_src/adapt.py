@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import _checks, _loops
+from metagrad._src import checks as _checks
+from metagrad._src import loops as _loops
 
 Params = chex.ArrayTree
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metagrad import _checks
+from metagrad._src import checks as _checks
 
 Params = chex.ArrayTree
 

@@ -20,7 +20,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from metagrad import _checks
+from metagrad._src import checks as _checks
 
 GradFn = Callable[[chex.ArrayTree], chex.ArrayTree]
 

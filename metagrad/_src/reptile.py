@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import _checks, _loops
-from metagrad._base import MetaLearner, keep_if_finite
-from metagrad.adapt import _check_inner, adapt, inner_loop, to_varying
-from metagrad.diagnostics import mean_pairwise_cosine
+from metagrad._src import checks as _checks
+from metagrad._src import loops as _loops
+from metagrad._src.base import MetaLearner, keep_if_finite
+from metagrad._src.adapt import _check_inner, adapt, inner_loop, to_varying
+from metagrad._src.diagnostics import mean_pairwise_cosine
 
 Params = chex.ArrayTree
 

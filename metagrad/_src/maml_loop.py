@@ -1,6 +1,6 @@
 """The MAML inner loop and the checks of a MAML step's inputs (private to `metagrad.maml`).
 
-One inner loop for every execution strategy (`metagrad._loops`): the maths is the same, the
+One inner loop for every execution strategy (`metagrad._src.loops`): the maths is the same, the
 task axis and the inner steps are executed as the learner's ``task_loop`` / ``step_loop`` say.
 """
 
@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metagrad import _loops
-from metagrad._base import LossFn
+from metagrad._src import loops as _loops
+from metagrad._src.base import LossFn
 
 
 def check_tasks(tasks: Any) -> tuple[Any, Any, int]:

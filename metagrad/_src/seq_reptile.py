@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad import _checks, _loops
-from metagrad._base import MetaLearner, keep_if_finite
-from metagrad.adapt import _check_inner, adapt, inner_loop
-from metagrad.diagnostics import mean_pairwise_cosine, task_gradients
-from metagrad.reptile import ReptileState, _check_axis_name, _check_stacked, _outer_transform
+from metagrad._src import checks as _checks
+from metagrad._src import loops as _loops
+from metagrad._src.base import MetaLearner, keep_if_finite
+from metagrad._src.adapt import _check_inner, adapt, inner_loop
+from metagrad._src.diagnostics import mean_pairwise_cosine, task_gradients
+from metagrad._src.reptile import ReptileState, _check_axis_name, _check_stacked, _outer_transform
 
 Params = chex.ArrayTree
 

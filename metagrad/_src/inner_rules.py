@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metagrad import _checks
-from metagrad._base import Params
+from metagrad._src import checks as _checks
+from metagrad._src.base import Params
 
 
 class InnerRule(NamedTuple):

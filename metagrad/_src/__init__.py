@@ -1,0 +1,1 @@
+"""metagrad's implementation; import from `metagrad`, not from here."""

@@ -1,0 +1,1 @@
+"""Multi-task gradient aggregators; import them from `metagrad`."""
