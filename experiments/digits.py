@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import metagrad as mg
 from experiments import runner
 from experiments.models import mlp_apply, mlp_init
 
@@ -184,7 +185,7 @@ def _make_round(name: str, cfg: Config):
     if name == "plain":
         return two_steps(optax.adam(LR))
     if name == "dotprod":
-        tx = optax.chain(runner.require("dotprod")(weight=cfg.dotprod_weight), optax.adam(LR))
+        tx = optax.chain(mg.dotprod(weight=cfg.dotprod_weight), optax.adam(LR))
 
         def round_fn(params, opt_state, b1, b2):
             updates, opt_state = tx.update(
@@ -194,10 +195,13 @@ def _make_round(name: str, cfg: Config):
 
         return tx.init, round_fn
     if name == "reptile":
-        reptile_outer = runner.require("reptile_outer")
-        return two_steps(reptile_outer(optax.adam(LR), cfg.reptile_k, cfg.reptile_outer_lr))
+        # One task throughout: the inner Adam state carries over outer steps.
+        tx = mg.reptile_outer(
+            optax.adam(LR), cfg.reptile_k, cfg.reptile_outer_lr, reset_inner_state=False
+        )
+        return two_steps(tx)
     if name == "fomaml":
-        learner = runner.require("fomaml")(_loss, optax.sgd(cfg.fomaml_inner_lr), 1, optax.adam(LR))
+        learner = mg.fomaml(_loss, optax.sgd(cfg.fomaml_inner_lr), 1, optax.adam(LR))
 
         def init(params):
             return learner.init(params)
@@ -234,7 +238,7 @@ def _make_chunk(name: str, cfg: Config, x_all, y_all):
     """(init, chunk): chunk is jitted and seed-vmapped, runs `log_every` batches, logs a dot."""
     init_opt, round_fn = _make_round(name, cfg)
     grad = jax.grad(_loss)
-    pairwise_dot = runner.require("pairwise_dot")
+    pairwise_dot = mg.pairwise_dot
 
     def batch_of(key, train_idx):
         idx = train_idx[jax.random.randint(key, (BATCH,), 0, train_idx.shape[0])]

@@ -53,6 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import metagrad as mg
+
 from experiments import runner
 from experiments.models import conv4_apply, conv4_init
 
@@ -258,22 +260,22 @@ def accuracy(params, batch):
 def make_learner(method: str, *, inner_lr: float, inner_steps: int, outer_lr: float = 1e-3):
     """The meta-learner for ``method`` from metagrad's public API."""
     if method in ("maml", "fomaml"):
-        return runner.require(method)(
-            loss_fn, optax.sgd(inner_lr), inner_steps, optax.adam(outer_lr)
-        )
+        learner = mg.maml if method == "maml" else mg.fomaml
+        return learner(loss_fn, optax.sgd(inner_lr), inner_steps, optax.adam(outer_lr))
     if method == "reptile":
         # Reptile paper (Appendix A): inner Adam (beta1 = 0) on the pooled episode data,
         # outer SGD; our fixed outer learning rate 1.0 (the paper anneals it linearly).
-        return runner.require("reptile")(
+        return mg.reptile(
             loss_fn, optax.adam(1e-3, b1=0.0), max(inner_steps, 5), optax.sgd(1.0)
         )
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
 def _reptile_tasks(tasks):
-    # Reptile has no support/query split: its inner steps train on both.
+    # Reptile has no support/query split: its inner steps train on both (the query
+    # batches are only evaluated, for the metrics).
     (sx, sy), (qx, qy) = tasks
-    return np.concatenate([sx, qx], 1), np.concatenate([sy, qy], 1)
+    return (np.concatenate([sx, qx], 1), np.concatenate([sy, qy], 1)), (qx, qy)
 
 
 # -- experiment ----------------------------------------------------------------------------

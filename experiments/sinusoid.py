@@ -195,16 +195,9 @@ def _from_learner(learner: mg.MetaLearner, shots: int) -> Method:
     def step(state, key):
         support, query = _tasks(key, shots)
         state, metrics = learner.step(state, (support, query))
-        return state, _loss_metric(metrics)
+        return state, metrics["loss"]
 
     return Method(learner.init, step, lambda s: s.params, learner)
-
-
-def _loss_metric(metrics) -> jax.Array:
-    for name in ("query_loss", "loss", "meta_loss", "outer_loss"):
-        if isinstance(metrics, dict) and name in metrics:
-            return jnp.mean(metrics[name])
-    return jnp.nan
 
 
 def _pooled(batches):
@@ -223,34 +216,34 @@ def build_method(name: str, cfg: Config) -> Method:
     """Builds one method from metagrad's public API (raises AttributeError if missing)."""
     shots = cfg.train_shots
     if name == "maml":
-        learner = runner.require("maml")(mse_loss, optax.sgd(INNER_LR), 1, optax.adam(OUTER_LR))
+        learner = mg.maml(mse_loss, optax.sgd(INNER_LR), 1, optax.adam(OUTER_LR))
         return _from_learner(learner, shots)
     if name == "fomaml":
-        learner = runner.require("fomaml")(mse_loss, optax.sgd(INNER_LR), 1, optax.adam(OUTER_LR))
+        learner = mg.fomaml(mse_loss, optax.sgd(INNER_LR), 1, optax.adam(OUTER_LR))
         return _from_learner(learner, shots)
     if name == "reptile":
-        learner = runner.require("reptile")(
+        learner = mg.reptile(
             mse_loss, optax.sgd(INNER_LR), cfg.reptile_inner_steps, optax.adam(OUTER_LR)
         )
 
         def step(state, key):
             support, query = _tasks(key, shots)
             # Reptile has no query set: its inner steps use all of a task's points.
-            state, metrics = learner.step(state, _pooled((support, query)))
-            return state, _loss_metric(metrics)
+            state, metrics = learner.step(state, (_pooled((support, query)), query))
+            return state, metrics["loss"]
 
         return Method(learner.init, step, lambda s: s.params, learner)
     if name == "maml_grad_share":
-        learner = runner.require("maml")(
+        learner = mg.maml(
             mse_loss,
-            runner.require("grad_share")(INNER_LR),
+            mg.grad_share(INNER_LR),
             cfg.grad_share_inner_steps,
             optax.adam(OUTER_LR),
         )
         return _from_learner(learner, shots)
     if name == "dotprod":
         tx = optax.chain(
-            runner.require("dotprod")(weight=cfg.dotprod_weight, scheme=cfg.dotprod_scheme),
+            mg.dotprod(weight=cfg.dotprod_weight, scheme=cfg.dotprod_scheme),
             optax.adam(OUTER_LR),
         )
 

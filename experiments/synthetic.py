@@ -242,10 +242,15 @@ def _reptile_run(method: str, cfg: Config, seed: int):
 
         def tasks_for(key):
             del key
-            return jnp.arange(num_tasks)  # every task, each with its own inner trajectory
+            ids = jnp.arange(num_tasks)  # every task, each with its own inner trajectory
+            return ids, ids  # (support, query): a task's loss needs only its id
     else:
         learner = mg.seq_reptile(
-            lambda phi, batch, task: task_loss(phi, task), _base(cfg), cfg.inner_steps, cfg.outer_lr
+            lambda phi, batch, task: task_loss(phi, task),
+            _base(cfg),
+            cfg.inner_steps,
+            cfg.outer_lr,
+            pass_task_id=True,
         )
 
         def tasks_for(key):

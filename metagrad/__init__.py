@@ -34,10 +34,10 @@ from metagrad._src.mtl.surgery import PCGradState as PCGradState
 from metagrad._src.mtl.surgery import gradvac as gradvac
 from metagrad._src.mtl.surgery import mtl_sum as mtl_sum
 from metagrad._src.mtl.surgery import pcgrad as pcgrad
-from metagrad._src.reptile import ReptileOuterState as ReptileOuterState
+from metagrad._src.reptile_outer import ReptileOuterState as ReptileOuterState
 from metagrad._src.reptile import ReptileState as ReptileState
 from metagrad._src.reptile import reptile as reptile
-from metagrad._src.reptile import reptile_outer as reptile_outer
+from metagrad._src.reptile_outer import reptile_outer as reptile_outer
 from metagrad._src.seq_reptile import seq_reptile as seq_reptile
 from metagrad._src.tasks import mixed_probs as mixed_probs
 from metagrad._src.tasks import mixed_schedule as mixed_schedule

@@ -96,8 +96,8 @@ def _dotprod(scheme):
 def _reptile_outer(axis):
     del axis
 
-    def reptile_outer(outer_lr=0.5):
-        return mg.reptile_outer(optax.sgd(LR), INNER_STEPS, outer_lr)
+    def reptile_outer(outer=0.5):
+        return mg.reptile_outer(optax.sgd(LR), INNER_STEPS, outer)
 
     return reptile_outer
 
@@ -188,8 +188,8 @@ METHODS: list[Method] = [
            guard="after", bad=("weight", float("nan")), noise=1e-4),
     Method("dotprod/exact", "transform", _dotprod("exact"), "two", {"weight": 0.1},
            guard="after", bad=("weight", float("nan"))),
-    Method("reptile_outer", "transform", _reptile_outer, "one", {"outer_lr": 0.5}, tail=False,
-           bad=("outer_lr", float("nan"))),
+    Method("reptile_outer", "transform", _reptile_outer, "one", {"outer": 0.5}, tail=False,
+           bad=("outer", float("nan"))),
     Method("recadam", "transform", _recadam, "one",
            {"learning_rate": 0.05, "pretrain_coef": 1.0}, tail=False,
            bad=("learning_rate", -0.1)),

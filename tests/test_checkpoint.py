@@ -327,7 +327,7 @@ CASES = [
         "recadam",
         _optax_case(
             lambda: optax.chain(
-                mg.mtl_sum("mean"), mg.recadam(1e-2, anneal_t0=20.0, pretrain_coef=1.0)
+                mg.mtl_sum(reduction="mean"), mg.recadam(1e-2, anneal_t0=20.0, pretrain_coef=1.0)
             ),
             _multitask_update,
         ),

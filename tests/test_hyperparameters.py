@@ -31,7 +31,7 @@ HYPERPARAMETERS = {
     "dotprod/every": (lambda v: mg.dotprod(every=v), True, 1, True),
     "fd_hvp/step": (lambda v: mg.fd_hvp(GRAD_FN, PARAMS, PARAMS, step=v), False, 0.0, False),
     "reptile_outer/inner_steps": (lambda v: mg.reptile_outer(optax.sgd(0.1), v), True, 1, True),
-    "reptile_outer/outer_lr": (lambda v: mg.reptile_outer(optax.sgd(0.1), 2, v), False, 0.0,
+    "reptile_outer/outer": (lambda v: mg.reptile_outer(optax.sgd(0.1), 2, v), False, 0.0,
                                False),
     "reptile/outer": (lambda v: mg.reptile(_loss, optax.sgd(0.1), 2, v), False, 0.0, False),
 }  # fmt: skip
@@ -110,7 +110,7 @@ def test_tracers_pass_through_inject_hyperparams_and_jit():
         np.testing.assert_allclose(u["w"], want["w"], rtol=1e-6)
 
     tx = optax.inject_hyperparams(mg.reptile_outer, static_args="inner")(
-        optax.sgd(0.1), inner_steps=2, outer_lr=0.5
+        optax.sgd(0.1), inner_steps=2, outer=0.5
     )
     ref = mg.reptile_outer(optax.sgd(0.1), 2, 0.5)
     step = jax.jit(lambda s, p: tx.update(GRAD_FN(p), s, p))

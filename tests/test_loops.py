@@ -55,7 +55,7 @@ LEARNERS = {
         optax.sgd(0.5),
         batch_per_step=True,
         reset_inner_state=False,
-        task_grad_cosine=True,
+        alignment=True,
         **kw,
     ),
     "seq_reptile": lambda **kw: mg.seq_reptile(

@@ -126,7 +126,7 @@ def _params_like(grads):
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_mtl_sum_is_sum_or_mean(x64, reduction):
     grads = _tree_grads(jax.random.key(0), 4)
-    tx = mg.mtl_sum(reduction)
+    tx = mg.mtl_sum(reduction=reduction)
     out, _ = tx.update(grads, tx.init(_params_like(grads)), _params_like(grads))
     expected = _flat(grads).sum(0) / (4 if reduction == "mean" else 1)
     np.testing.assert_allclose(_flat1(out), expected, rtol=1e-12)
@@ -507,7 +507,7 @@ def test_recadam_after_mtl_sum_in_chain():
 
 def test_constructor_errors():
     with pytest.raises(ValueError, match="reduction"):
-        mg.mtl_sum("max")
+        mg.mtl_sum(reduction="max")
     with pytest.raises(ValueError, match="granularity"):
         mg.pcgrad(granularity="layer")
     with pytest.raises(TypeError, match="seed"):

@@ -46,7 +46,7 @@ def _jit_grad(loss_fn):
 @pytest.mark.parametrize("inner", [optax.sgd(0.1), optax.adam(0.05), optax.sgd(0.1, momentum=0.9)])
 def test_reptile_outer_one_step_lr_one_is_inner_optimizer(inner):
     params = {"w": jnp.arange(3.0), "b": jnp.ones((2, 2))}
-    tx = mg.reptile_outer(inner, inner_steps=1, outer_lr=1.0)
+    tx = mg.reptile_outer(inner, inner_steps=1, outer=1.0, reset_inner_state=False)
     state, ref_state = tx.init(params), inner.init(params)
     update, ref_update = jax.jit(tx.update), jax.jit(inner.update)
     p, ref_p = params, params
@@ -65,7 +65,7 @@ def test_reptile_outer_matches_lookahead_slow_weights(inner_steps, outer_lr):
     # Reptile: slow ← slow + η(fast_K − slow) = φ − η(φ − θ_K).
     a, b = _random_quadratic(0)
     params = jnp.array([1.0, -2.0, 0.5])
-    tx = mg.reptile_outer(optax.sgd(0.2), inner_steps, outer_lr)
+    tx = mg.reptile_outer(optax.sgd(0.2), inner_steps, outer_lr, reset_inner_state=False)
     la = optax.lookahead(optax.sgd(0.2), sync_period=inner_steps, slow_step_size=outer_lr)
     state = tx.init(params)
     la_params = optax.LookaheadParams.init_synced(params)
@@ -221,7 +221,7 @@ def test_reptile_outer_jit_compiles_once():
 def test_reptile_outer_inject_hyperparams():
     a, b = _random_quadratic(4)
     phi0 = jnp.array([0.5, 0.5, -0.5])
-    tx = optax.inject_hyperparams(mg.reptile_outer)(optax.sgd(0.1), inner_steps=3, outer_lr=0.4)
+    tx = optax.inject_hyperparams(mg.reptile_outer)(optax.sgd(0.1), inner_steps=3, outer=0.4)
     ref = mg.reptile_outer(optax.sgd(0.1), 3, 0.4)
     state, ref_state = tx.init(phi0), ref.init(phi0)
     update = jax.jit(tx.update)
@@ -232,7 +232,7 @@ def test_reptile_outer_inject_hyperparams():
         p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
     np.testing.assert_allclose(p, q, rtol=1e-6)
     # The injected outer rate can be changed between steps.
-    state.hyperparams["outer_lr"] = jnp.asarray(0.0)
+    state.hyperparams["outer"] = jnp.asarray(0.0)
     for _ in range(3):
         u, state = update(_quadratic_grad(p, a, b), state, p)
         p = optax.apply_updates(p, u)
@@ -256,15 +256,15 @@ def test_reptile_outer_preserves_dtype(dtype):
     [
         (dict(inner_steps=0), ValueError, "inner_steps"),
         (dict(inner_steps=2.0), TypeError, "inner_steps"),
-        (dict(outer_lr=-1.0), ValueError, "outer_lr"),
-        (dict(outer_lr=float("nan")), ValueError, "outer_lr"),
-        (dict(outer_lr="fast"), TypeError, "outer_lr"),
+        (dict(outer=-1.0), ValueError, "outer"),
+        (dict(outer=float("nan")), ValueError, "outer"),
+        (dict(outer="fast"), TypeError, "outer"),
         (dict(reset_inner_state=1), TypeError, "reset_inner_state"),
         (dict(inner=lambda g: g), TypeError, "inner"),
     ],
 )
 def test_reptile_outer_bad_arguments(kwargs, error, match):
-    args = dict(inner=optax.sgd(0.1), inner_steps=2, outer_lr=0.5)
+    args = dict(inner=optax.sgd(0.1), inner_steps=2, outer=0.5)
     args.update(kwargs)
     with pytest.raises(error, match=match):
         mg.reptile_outer(**args)
@@ -297,10 +297,13 @@ def _mlp_params(seed):
 
 
 def _mlp_tasks(seed, num_tasks, leading=()):
+    """``(support, query)``; support leaves ``[T, *leading, 5, ...]``, query ``[T, 5, ...]``."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((num_tasks, *leading, 5, 2), np.float32)
     y = rng.standard_normal((num_tasks, *leading, 5, 1), np.float32)
-    return x, y
+    xq = rng.standard_normal((num_tasks, 5, 2), np.float32)
+    yq = rng.standard_normal((num_tasks, 5, 1), np.float32)
+    return (x, y), (xq, yq)
 
 
 def _naive_task_run(loss_fn, inner, phi, batches, inner_steps, per_step, inner_state=None):
@@ -320,12 +323,13 @@ def test_reptile_equals_mean_of_serial_runs(batch_per_step):
     phi = _mlp_params(5)
     k = 3
     tasks = _mlp_tasks(6, 4, (k,) if batch_per_step else ())
+    support, query = tasks
     inner = optax.adam(0.05)
     learner = mg.reptile(_mlp_loss, inner, k, optax.sgd(0.7), batch_per_step=batch_per_step)
     state, metrics = learner.step(learner.init(phi), tasks)
     thetas = [
         _naive_task_run(
-            _mlp_loss, inner, phi, jax.tree.map(lambda x, t=t: x[t], tasks), k, batch_per_step
+            _mlp_loss, inner, phi, jax.tree.map(lambda x, t=t: x[t], support), k, batch_per_step
         )[0]
         for t in range(4)
     ]
@@ -336,10 +340,14 @@ def test_reptile_equals_mean_of_serial_runs(batch_per_step):
     )
     np.testing.assert_allclose(metrics["meta_grad_norm"], optax.tree.norm(meta_grad), rtol=1e-5)
     first = [
-        _mlp_loss(phi, jax.tree.map(lambda x, t=t: x[t, 0] if batch_per_step else x[t], tasks))
+        _mlp_loss(phi, jax.tree.map(lambda x, t=t: x[t, 0] if batch_per_step else x[t], support))
         for t in range(4)
     ]
-    np.testing.assert_allclose(metrics["loss"], np.mean(first), rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss_pre"], np.mean(first), rtol=1e-5)
+    # The query batches are only evaluated, at each task's adapted params.
+    post = [_mlp_loss(thetas[t], jax.tree.map(lambda x, t=t: x[t], query)) for t in range(4)]
+    np.testing.assert_allclose(metrics["loss_post"], np.mean(post), rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], metrics["loss_post"], rtol=0)
 
 
 def test_reptile_quadratic_meta_gradient_is_unrolled_recursion(x64):
@@ -354,8 +362,8 @@ def test_reptile_quadratic_meta_gradient_is_unrolled_recursion(x64):
         a_t, b_t = batch
         return 0.5 * theta @ a_t @ theta - b_t @ theta
 
-    learner = mg.reptile(loss_fn, optax.sgd(alpha), k, eta, task_grad_cosine=True)
-    state, metrics = learner.step(learner.init(phi), (a, b))
+    learner = mg.reptile(loss_fn, optax.sgd(alpha), k, eta, alignment=True)
+    state, metrics = learner.step(learner.init(phi), ((a, b), (a, b)))
     mgs, grads0 = [], []
     for a_t, b_t in zip(np.asarray(a), np.asarray(b), strict=True):
         theta = np.asarray(phi)
@@ -372,7 +380,7 @@ def test_reptile_quadratic_meta_gradient_is_unrolled_recursion(x64):
         for j in range(3)
         if i != j
     ]
-    np.testing.assert_allclose(metrics["task_grad_cosine"], np.mean(cos), rtol=1e-10)
+    np.testing.assert_allclose(metrics["alignment"], np.mean(cos), rtol=1e-10)
 
 
 def test_reptile_carried_inner_state_matches_naive_loop():
@@ -389,7 +397,7 @@ def test_reptile_carried_inner_state_matches_naive_loop():
                 _mlp_loss,
                 inner,
                 ref_phi,
-                jax.tree.map(lambda x, t=t: x[t], tasks),
+                jax.tree.map(lambda x, t=t: x[t], tasks[0]),
                 2,
                 False,
                 ref_inner,
@@ -415,7 +423,7 @@ def test_reptile_adapt_is_inner_loop_from_learned_init():
     inner = optax.sgd(0.1)
     learner = mg.reptile(_mlp_loss, inner, 3, optax.adam(1e-2))
     state, _ = learner.step(learner.init(phi), _mlp_tasks(1, 2))
-    support = jax.tree.map(lambda x: x[0], _mlp_tasks(2, 1))
+    support = jax.tree.map(lambda x: x[0], _mlp_tasks(2, 1)[0])
     for num_steps in (None, 5):
         adapted = learner.adapt(state, support, num_steps)
         expected, _ = _naive_task_run(
@@ -440,7 +448,7 @@ def test_reptile_step_compiles_once(reset):
         2,
         optax.adam(1e-3),
         reset_inner_state=reset,
-        task_grad_cosine=True,
+        alignment=True,
     )
     state = learner.init(_mlp_params(0))
     state, _ = learner.step(state, _mlp_tasks(0, 3))
@@ -461,7 +469,7 @@ def test_reptile_step_compiles_once(reset):
         (dict(outer="adam"), TypeError, "outer"),
         (dict(batch_per_step=1), TypeError, "batch_per_step"),
         (dict(reset_inner_state=None), TypeError, "reset_inner_state"),
-        (dict(task_grad_cosine="yes"), TypeError, "task_grad_cosine"),
+        (dict(alignment="yes"), TypeError, "alignment"),
     ],
 )
 def test_reptile_bad_arguments(kwargs, error, match):
@@ -477,8 +485,8 @@ def test_reptile_bad_tasks():
     state = learner.init(phi)
     with pytest.raises(ValueError, match="tasks"):
         learner.step(state, _mlp_tasks(0, 2, (2,)))  # 2 batches, K = 3
-    cos = mg.reptile(_mlp_loss, optax.sgd(0.1), 3, 1.0, task_grad_cosine=True)
-    with pytest.raises(ValueError, match="tasks"):
+    cos = mg.reptile(_mlp_loss, optax.sgd(0.1), 3, 1.0, alignment=True)
+    with pytest.raises(ValueError, match="alignment=True needs at least 2 tasks"):
         cos.step(cos.init(phi), _mlp_tasks(0, 1))
 
 
@@ -503,6 +511,7 @@ assert len(jax.devices()) == 4
 
 # reptile: the 8 tasks split over 4 devices.
 tasks = (jax.random.normal(k3, (8, 5, 2)), jax.random.normal(k4, (8, 5, 1)))
+tasks = (tasks, tasks)  # (support, query)
 sharded = jax.device_put(tasks, NamedSharding(mesh, P("d")))
 # A carried inner state: its pmean over devices is exercised too.
 single = mg.reptile(loss, optax.adam(0.05), 3, optax.adam(0.1), reset_inner_state=False)
@@ -522,7 +531,7 @@ ids = jnp.array([0, 1, 1, 0], jnp.int32)
 batches = (jax.random.normal(k3, (4, 8, 2)), jax.random.normal(k4, (4, 8, 1)))
 sharded = jax.device_put(batches, NamedSharding(mesh, P(None, "d")))
 seq_loss = lambda p, b, t: loss(p, b) * (1.0 + t)
-kw = dict(task_grad_cosine=True, reset_inner_state=False)
+kw = dict(alignment=True, reset_inner_state=False, pass_task_id=True)
 single = mg.seq_reptile(seq_loss, optax.sgd(0.1, momentum=0.9), 4, 0.5, **kw)
 multi = mg.seq_reptile(seq_loss, optax.sgd(0.1, momentum=0.9), 4, 0.5, axis_name="d", **kw)
 step = jax.jit(jax.shard_map(

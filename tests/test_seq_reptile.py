@@ -68,12 +68,12 @@ def test_seq_reptile_matches_naive_algorithm(reset):
         )
         for i in range(3)
     ]
-    learner = mg.seq_reptile(_loss, inner, k, 0.3, reset_inner_state=reset)
+    learner = mg.seq_reptile(_loss, inner, k, 0.3, reset_inner_state=reset, pass_task_id=True)
     state = learner.init(phi)
     for tasks in steps:
         state, metrics = learner.step(state, tasks)
     _assert_tree_close(state.params, _naive_seq_reptile(phi, inner, 0.3, steps, reset))
-    assert set(metrics) == {"loss", "first_loss", "meta_grad_norm"}
+    assert set(metrics) == {"loss", "loss_pre", "meta_grad_norm"}
 
 
 @pytest.mark.parametrize("reset", [True, False])
@@ -98,12 +98,12 @@ def test_seq_reptile_on_one_task_equals_reptile_outer(reset):
     _assert_tree_close(params, state.params)
 
 
-def test_seq_reptile_task_grad_cosine_is_inter_task_mean():
+def test_seq_reptile_alignment_is_inter_task_mean():
     k = 5
     phi = _params(2)
     ids = jnp.array([0, 1, 0, 2, 1], jnp.int32)
     batches = _batches(3, k)
-    learner = mg.seq_reptile(_loss, optax.sgd(0.1), k, 0.5, task_grad_cosine=True)
+    learner = mg.seq_reptile(_loss, optax.sgd(0.1), k, 0.5, alignment=True, pass_task_id=True)
     _, metrics = learner.step(learner.init(phi), (ids, batches))
     grads = []
     for j in range(k):
@@ -115,16 +115,16 @@ def test_seq_reptile_task_grad_cosine_is_inter_task_mean():
         for j in range(k)
         if ids[i] != ids[j]
     ]
-    np.testing.assert_allclose(metrics["task_grad_cosine"], np.mean(cos), rtol=1e-5)
+    np.testing.assert_allclose(metrics["alignment"], np.mean(cos), rtol=1e-5)
     np.testing.assert_allclose(
-        metrics["first_loss"], _loss(phi, jax.tree.map(lambda x: x[0], batches), 0), rtol=1e-6
+        metrics["loss_pre"], _loss(phi, jax.tree.map(lambda x: x[0], batches), 0), rtol=1e-6
     )
 
 
 def test_seq_reptile_adapt():
     phi = _params(4)
     inner = optax.sgd(0.1)
-    learner = mg.seq_reptile(_loss, inner, 2, 1.0)
+    learner = mg.seq_reptile(_loss, inner, 2, 1.0, pass_task_id=True)
     state = learner.init(phi)
     batch = jax.tree.map(lambda x: x[0], _batches(5, 1))
     adapted = learner.adapt(state, (2, batch), 3)
@@ -144,7 +144,9 @@ def test_seq_reptile_step_compiles_once():
         return _loss(params, batch, task_id)
 
     k = 3
-    learner = mg.seq_reptile(loss_fn, optax.adam(1e-2), k, optax.adam(1e-3), task_grad_cosine=True)
+    learner = mg.seq_reptile(
+        loss_fn, optax.adam(1e-2), k, optax.adam(1e-3), alignment=True, pass_task_id=True
+    )
     state = learner.init(_params(0))
     probs = mg.task_probs([1, 2, 3], q=1.0)
     count = None
@@ -165,11 +167,11 @@ def test_seq_reptile_step_compiles_once():
         (dict(outer=0.0), ValueError, "outer"),
         (dict(reset_inner_state="no"), TypeError, "reset_inner_state"),
         (dict(pass_task_id=0), TypeError, "pass_task_id"),
-        (dict(task_grad_cosine=1), TypeError, "task_grad_cosine"),
+        (dict(alignment=1), TypeError, "alignment"),
     ],
 )
 def test_seq_reptile_bad_arguments(kwargs, error, match):
-    args = dict(loss_fn=_loss, inner=optax.sgd(0.1), inner_steps=2, outer=0.5)
+    args = dict(loss_fn=_loss, inner=optax.sgd(0.1), inner_steps=2, outer=0.5, pass_task_id=True)
     args.update(kwargs)
     with pytest.raises(error, match=match):
         mg.seq_reptile(**args)
@@ -177,7 +179,7 @@ def test_seq_reptile_bad_arguments(kwargs, error, match):
 
 def test_seq_reptile_bad_tasks():
     k = 3
-    learner = mg.seq_reptile(_loss, optax.sgd(0.1), k, 0.5)
+    learner = mg.seq_reptile(_loss, optax.sgd(0.1), k, 0.5, pass_task_id=True)
     state = learner.init(_params(0))
     batches = _batches(0, k)
     with pytest.raises(TypeError, match="tasks"):

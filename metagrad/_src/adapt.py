@@ -29,13 +29,6 @@ from metagrad._src import loops as _loops
 Params = chex.ArrayTree
 
 
-def _check_inner(inner: Any) -> None:
-    if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(
-            f"inner must be an optax.GradientTransformation, got {type(inner).__name__}"
-        )
-
-
 def _check_leading_axis(name: str, tree: Any, size: int, what: str) -> None:
     leaves = jax.tree.leaves(tree)
     if not leaves:
@@ -229,7 +222,7 @@ def adapt(
       of Deep Networks <https://arxiv.org/abs/1703.03400>`_, ICML 2017.
     """
     _checks.callable_("loss_fn", loss_fn)
-    _check_inner(inner)
+    inner = _checks.as_optimizer("inner", inner)
     num_steps = _checks.positive_int("num_steps", num_steps)
     if batch_per_step:
         _check_leading_axis("support", support, num_steps, "num_steps")

@@ -32,16 +32,49 @@ class MetaLearner(NamedTuple):
     adapt: Callable[..., Params]
 
 
-def keep_if_finite(new: Any, old: Any) -> Any:
-    """`new` if all its float leaves are finite, else `old` (same structure), traceable.
+def as_arrays(tree: Any) -> Any:
+    """Python-number leaves (``{"w": 0.3}``, which optax accepts) as strongly typed arrays.
 
-    For state that persists across outer steps (a carried inner-optimizer state, gradient
-    sharing's running average): one non-finite task would otherwise poison every later step,
-    and a guard on the outer optimizer (`optax.apply_if_finite`) could then only delay the
-    NaN. Keeping the previous value makes a skipped step leave no trace.
+    The state's dtypes then do not change after the first update; ``None`` leaves stay.
     """
-    floats = [x for x in jax.tree.leaves(new) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+    def convert(x):
+        return x if isinstance(x, jax.Array) else jnp.asarray(x, jnp.result_type(x))
+
+    return jax.tree.map(convert, tree)
+
+
+def keep_if_finite(new: Any, old: Any, *, check: Any = None) -> Any:
+    """`new` if all float leaves of `check` (default: `new`) are finite, else `old`, traceable.
+
+    The one finite guard of persistent state: a carried inner-optimizer state, gradient
+    sharing's running average, an aggregator's state. One non-finite task would otherwise
+    poison every later step, and a guard on the outer optimizer (`optax.apply_if_finite`) could
+    then only delay the NaN. Keeping the previous value makes a skipped step leave no trace.
+    `new` and `old` have the same structure; `check` may be another tree (e.g. the form of the
+    state that was computed, before it is converted to the stored form).
+    """
+    check = new if check is None else check
+    floats = [x for x in jax.tree.leaves(check) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     if not floats:
         return new
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def mean_over_tasks(states: Any, axis_name: str | None = None) -> Any:
+    """Averages per-task optimizer states over their leading task axis (and devices).
+
+    The one rule for an inner state carried across outer steps: float leaves (moments) are
+    averaged; integer leaves (step counts) are equal across tasks, which all take the same
+    number of steps, so task 0's is kept (and the maximum over devices, equal too, marks it
+    device-invariant).
+    """
+
+    def mean(x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            x = jnp.mean(x, axis=0)
+            return x if axis_name is None else jax.lax.pmean(x, axis_name)
+        return x[0] if axis_name is None else jax.lax.pmax(x[0], axis_name)
+
+    return jax.tree.map(mean, states)

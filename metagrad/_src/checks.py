@@ -225,3 +225,54 @@ def as_optimizer(name: str, value: Any) -> optax.GradientTransformation:
             f"got {value!r} of type {type(value).__name__}"
         )
     return value
+
+
+def outer_optimizer(name: str, value: Any) -> optax.GradientTransformation:
+    """The outer optimizer of a meta-learner: an optax transformation, or a step size.
+
+    A float, scalar array or optax schedule η means ``optax.sgd(η)``: the meta-gradient is
+    the "gradient" the optimizer receives and its update is added to the initialization.
+    """
+    if isinstance(value, (optax.GradientTransformation, optax.MultiSteps)):
+        return as_optimizer(name, value)
+    value = hyperparameter(
+        name,
+        value,
+        low=0,
+        schedule=True,
+        expected="an optax GradientTransformation, or a step size > 0 (a number or an optax "
+        "schedule) meaning optax.sgd(step size)",
+    )
+    return optax.scale_by_learning_rate(value)
+
+
+def axis_name(value: Any) -> Any:
+    """Returns `value` after checking it can name a mapped axis (`jax.shard_map`, `jax.pmap`)."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(
+            f"axis_name must be None or the str name of a mapped axis (the axis_names of "
+            f"jax.shard_map's mesh, or jax.pmap's axis_name), got {value!r}"
+        )
+    return value
+
+
+def stacked(name: str, tree: Any, sizes: tuple[int | None, ...], what: str) -> int:
+    """Checks the leading axes of every leaf of `tree`; returns the first axis' size.
+
+    ``sizes`` gives the expected leading axes (None: any size, the same on every leaf); an
+    empty first axis is refused, since a mean over no tasks would be NaN, silently.
+    """
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        raise ValueError(f"{name} must contain at least one array")
+    first = np.shape(leaves[0])[0] if np.ndim(leaves[0]) else None
+    for leaf in leaves:
+        shape = np.shape(leaf)
+        expected = tuple(first if s is None else s for s in sizes)
+        if len(shape) < len(sizes) or shape[: len(sizes)] != expected:
+            raise ValueError(
+                f"{name} leaves must have leading axes {what}, got a leaf of shape {shape}"
+            )
+    if sizes[0] is None and first == 0:
+        raise ValueError(f"{name} must hold at least one task, got a leading axis of size 0")
+    return first

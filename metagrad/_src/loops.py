@@ -122,7 +122,12 @@ class TaskLoop:
     def map(self, fn: Callable[[Any, Any], Any], params: Any, data: Any, shared: bool) -> Any:
         """``stack([fn(params_t, data_t) for t])``; ``data`` has a task axis."""
         if self.mode == "unroll":
-            trees = params.trees if isinstance(params, PerTask) else (params,) * self.num_tasks
+            if isinstance(params, PerTask):
+                trees = params.trees
+            elif shared:
+                trees = (params,) * self.num_tasks
+            else:
+                trees = tuple(index(params, t) for t in range(self.num_tasks))
             return stack([fn(p, index(data, t)) for t, p in enumerate(trees)])
         if self.mode == "vmap":
             return jax.vmap(fn, (None if shared else 0, 0))(params, data)

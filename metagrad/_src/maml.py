@@ -29,7 +29,6 @@ from metagrad._src.base import LossFn, MetaLearner, Params, keep_if_finite
 from metagrad._src.inner_rules import InnerRule, as_inner_rule
 from metagrad._src.maml_loop import broadcast, check_loss, check_tasks, inner_loop
 from metagrad._src.adapt import to_invariant, to_varying
-from metagrad._src.reptile import _check_axis_name
 
 
 class MAMLState(NamedTuple):
@@ -226,7 +225,7 @@ def maml(
     _checks.callable_("loss_fn", loss_fn)
     rule = as_inner_rule(inner, "inner")
     inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    _check_axis_name(axis_name)
+    _checks.axis_name(axis_name)
     _loops.check(task_loop, step_loop)
     outer = _checks.as_optimizer("outer", outer)
     for name, flag in [

@@ -48,6 +48,15 @@ def check_tasks(tasks: Any) -> tuple[Any, Any, int]:
     return support, query, num_tasks
 
 
+def check_alignment(alignment: bool, num_tasks: int) -> None:
+    """The ``alignment`` metric compares tasks: it needs two of them (per device)."""
+    if alignment and num_tasks < 2:
+        raise ValueError(
+            "alignment=True needs at least 2 tasks per step (on each device, under axis_name) "
+            f"to compare their gradients, got {num_tasks}"
+        )
+
+
 def describe(tree: Any) -> str:
     """``tree`` with each array leaf shown as dtype[shape], for error messages."""
 

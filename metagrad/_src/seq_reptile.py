@@ -22,10 +22,10 @@ import optax
 
 from metagrad._src import checks as _checks
 from metagrad._src import loops as _loops
+from metagrad._src.adapt import adapt, inner_loop
 from metagrad._src.base import MetaLearner, keep_if_finite
-from metagrad._src.adapt import _check_inner, adapt, inner_loop
 from metagrad._src.diagnostics import mean_pairwise_cosine, task_gradients
-from metagrad._src.reptile import ReptileState, _check_axis_name, _check_stacked, _outer_transform
+from metagrad._src.reptile import ReptileState
 
 Params = chex.ArrayTree
 
@@ -37,8 +37,8 @@ def seq_reptile(
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
     reset_inner_state: bool = True,
-    pass_task_id: bool = True,
-    task_grad_cosine: bool = False,
+    pass_task_id: bool = False,
+    alignment: bool = False,
     axis_name: str | None = None,
     task_loop: str = "auto",
     step_loop: str = "auto",
@@ -65,9 +65,10 @@ def seq_reptile(
     ``loss_fn`` look the data up by task id (e.g. with `jax.lax.switch`).
 
     Args:
-      loss_fn: ``loss_fn(params, batch, task_id) -> scalar`` (``task_id`` an
-        int32 scalar, e.g. to pick a task head), or ``loss_fn(params, batch)``
-        with ``pass_task_id=False``.
+      loss_fn: ``loss_fn(params, batch) -> scalar``, as for every metagrad
+        learner, or ``loss_fn(params, batch, task_id)`` with
+        ``pass_task_id=True`` (``task_id`` an int32 scalar, e.g. to pick a task
+        head).
       inner: the inner optimizer, any optax transformation.
       inner_steps: K >= 1, the trajectory length (``task_ids`` has K entries).
       outer: the optimizer applied to MG (its update is added to φ), or a
@@ -76,11 +77,12 @@ def seq_reptile(
         optimizer from ``inner.init(φ)``; False: its state carries over from
         the previous trajectory. The paper does not say; resetting makes each
         outer step a function of φ alone.
-      pass_task_id: whether ``loss_fn`` takes the task id (default True).
-      task_grad_cosine: if True, ``metrics`` also holds ``"task_grad_cosine"``,
-        the mean cosine between the gradients at φ of the K batches over pairs
-        from different tasks (NaN if all K come from one task). Costs K extra
-        gradient evaluations per step (vmapped), so it is off by default.
+      pass_task_id: whether ``loss_fn`` takes the task id (default False).
+      alignment: if True, ``metrics["alignment"]`` is the mean cosine between
+        the gradients at φ of the K batches over pairs from different tasks
+        (NaN if all K come from one task: no pair of tasks to compare). Costs
+        K extra gradient evaluations per step (vmapped), so it is off by
+        default; needs ``inner_steps >= 2``.
       axis_name: for data parallelism across devices: call ``step`` inside
         `jax.shard_map` (or `jax.pmap`) with every batch's examples split along
         this mapped axis; each inner gradient and loss is averaged over it with
@@ -102,21 +104,22 @@ def seq_reptile(
 
     Returns:
       A `MetaLearner`: ``init(params) -> ReptileState``;
-      ``step(state, tasks) -> (state, metrics)``, jitted, with metrics
-      ``"loss"`` (mean inner loss along the trajectory), ``"first_loss"``
-      (loss at φ on B_1), ``"meta_grad_norm"`` (‖MG‖) and optionally
-      ``"task_grad_cosine"``; ``adapt(state, support, num_steps=None)`` runs
-      `adapt` from ``state.params`` with a fresh inner state, where
-      ``support = (task_id, batch)`` (or ``batch`` when
-      ``pass_task_id=False``), the batch reused at every step and
-      ``num_steps`` defaulting to ``inner_steps``.
+      ``step(state, tasks) -> (state, metrics)``, jitted, with the metrics
+      of every metagrad learner that apply to one trajectory without query
+      batches: ``"loss"`` (mean inner loss along the trajectory),
+      ``"loss_pre"`` (loss at φ on B_1), ``"meta_grad_norm"`` (‖MG‖) and
+      optionally ``"alignment"``; ``adapt(state, support, num_steps=None)``
+      runs `adapt` from ``state.params`` with a fresh inner state, where
+      ``support`` is a batch (or ``(task_id, batch)`` when
+      ``pass_task_id=True``), reused at every step, and ``num_steps``
+      defaults to ``inner_steps``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
       >>> import metagrad as mg
       >>> targets = jnp.array([[1.0, 0.0], [0.0, 1.0]])
       >>> loss_fn = lambda p, batch, t: jnp.sum((p - targets[t]) ** 2)
-      >>> learner = mg.seq_reptile(loss_fn, optax.sgd(0.1), 4, 0.5)
+      >>> learner = mg.seq_reptile(loss_fn, optax.sgd(0.1), 4, 0.5, pass_task_id=True)
       >>> state = learner.init(jnp.zeros(2))
       >>> key = jax.random.PRNGKey(0)
       >>> for _ in range(3):
@@ -124,22 +127,22 @@ def seq_reptile(
       ...     ids = mg.sample_tasks(sub, mg.task_probs([100, 300], q=0.2), 4)
       ...     state, metrics = learner.step(state, (ids, jnp.zeros((4, 1))))
       >>> print(state.params.shape, sorted(metrics))
-      (2,) ['first_loss', 'loss', 'meta_grad_norm']
+      (2,) ['loss', 'loss_pre', 'meta_grad_norm']
 
     References:
       Lee, Lee, Lee, Hwang, `Sequential Reptile: Inter-Task Gradient Alignment
       for Multilingual Learning <https://arxiv.org/abs/2110.02600>`_, ICLR 2022.
     """
     _checks.callable_("loss_fn", loss_fn)
-    _check_inner(inner)
+    inner = _checks.as_optimizer("inner", inner)
     inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    outer_tx = _outer_transform(outer, "outer")
+    outer_tx = _checks.outer_optimizer("outer", outer)
     _checks.booleans(
-        reset_inner_state=reset_inner_state,
-        pass_task_id=pass_task_id,
-        task_grad_cosine=task_grad_cosine,
+        reset_inner_state=reset_inner_state, pass_task_id=pass_task_id, alignment=alignment
     )
-    _check_axis_name(axis_name)
+    _checks.axis_name(axis_name)
+    if alignment and inner_steps < 2:
+        raise ValueError("alignment=True needs inner_steps >= 2 batches to compare, got 1")
     _loops.check(task_loop, step_loop)
 
     def tagged_loss(params, tagged):
@@ -169,7 +172,7 @@ def seq_reptile(
             raise TypeError(
                 f"tasks[0] (task_ids) must be integers, got {jnp.result_type(task_ids)}"
             )
-        _check_stacked("tasks[1] (batches)", batches, (inner_steps,), "[inner_steps, ...]")
+        _checks.stacked("tasks[1] (batches)", batches, (inner_steps,), "[inner_steps, ...]")
         task_ids = jnp.asarray(task_ids, jnp.int32)
         tagged = (task_ids, batches)
         phi = state.params
@@ -199,16 +202,14 @@ def seq_reptile(
         new_phi = optax.apply_updates(phi, outer_updates)
         metrics = {
             "loss": jnp.mean(losses),
-            "first_loss": losses[0],
+            "loss_pre": losses[0],
             "meta_grad_norm": optax.tree.norm(meta_grad),
         }
-        if task_grad_cosine:
-            if inner_steps < 2:
-                raise ValueError("inner_steps must be >= 2 for task_grad_cosine")
+        if alignment:
             grads = task_gradients(tagged_loss, phi, tagged)
             if axis_name is not None:
                 grads = jax.lax.pmean(grads, axis_name)
-            metrics["task_grad_cosine"] = mean_pairwise_cosine(grads, task_ids=task_ids)
+            metrics["alignment"] = mean_pairwise_cosine(grads, task_ids=task_ids)
         new_state = ReptileState(
             params=new_phi,
             outer_state=outer_state,

@@ -35,9 +35,9 @@ class GradNormState(NamedTuple):
 
 def gradnorm(
     num_tasks: int,
+    *,
     alpha: float = 1.5,
     learning_rate: float | optax.GradientTransformation = 0.025,
-    *,
     norm_mask: Any | Callable[[Any], Any] | None = None,
     reduction: str = "sum",
     weight_update: str = "clip",

@@ -87,7 +87,7 @@ def _grams_for(updates: Any, granularity: str) -> jax.Array:
 # Plain MTL.
 
 
-def mtl_sum(reduction: str = "sum") -> optax.GradientTransformation:
+def mtl_sum(*, reduction: str = "sum") -> optax.GradientTransformation:
     """Plain multi-task learning: combines per-task gradients by summing over the task axis.
 
     .. math:: g = \\sum_{t=1}^T g_t \\quad (\\text{or } \\tfrac1T \\sum_t g_t)
@@ -161,8 +161,8 @@ def _pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> jax.Array:
 
 
 def pcgrad(
-    seed: int | jax.Array = 0,
     *,
+    seed: int | jax.Array = 0,
     reduction: str = "sum",
     shuffle: bool = True,
     granularity: str = "global",
@@ -271,9 +271,9 @@ def _gradvac_coefficients(gram, orders, target, beta, eps):
 
 def gradvac(
     num_tasks: int,
+    *,
     beta: float = 0.01,
     seed: int | jax.Array = 0,
-    *,
     reduction: str = "sum",
     shuffle: bool = True,
     granularity: str = "global",
