@@ -54,7 +54,6 @@ import numpy as np
 import optax
 
 import metagrad as mg
-
 from experiments import runner
 from experiments.models import conv4_apply, conv4_init
 
@@ -265,9 +264,7 @@ def make_learner(method: str, *, inner_lr: float, inner_steps: int, outer_lr: fl
     if method == "reptile":
         # Reptile paper (Appendix A): inner Adam (beta1 = 0) on the pooled episode data,
         # outer SGD; our fixed outer learning rate 1.0 (the paper anneals it linearly).
-        return mg.reptile(
-            loss_fn, optax.adam(1e-3, b1=0.0), max(inner_steps, 5), optax.sgd(1.0)
-        )
+        return mg.reptile(loss_fn, optax.adam(1e-3, b1=0.0), max(inner_steps, 5), optax.sgd(1.0))
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 

@@ -4,15 +4,8 @@ Please use only the names exported here; modules starting with an underscore
 are private.
 """
 
-from metagrad._src.base import MetaLearner as MetaLearner
-from metagrad._src.mtl.gradnorm import GradNormState as GradNormState
-from metagrad._src.mtl.gradnorm import gradnorm as gradnorm
-from metagrad._src.inner_rules import InnerRule as InnerRule
-from metagrad._src.inner_rules import learned_lr as learned_lr
-from metagrad._src.inner_rules import meta_sgd as meta_sgd
-from metagrad._src.mtl.recadam import RecAdamState as RecAdamState
-from metagrad._src.mtl.recadam import recadam as recadam
 from metagrad._src.adapt import adapt as adapt
+from metagrad._src.base import MetaLearner as MetaLearner
 from metagrad._src.diagnostics import mean_pairwise_cosine as mean_pairwise_cosine
 from metagrad._src.diagnostics import pairwise_cosine as pairwise_cosine
 from metagrad._src.diagnostics import pairwise_dot as pairwise_dot
@@ -25,18 +18,25 @@ from metagrad._src.grad_share import grad_share as grad_share
 from metagrad._src.hvp import fd_hvp as fd_hvp
 from metagrad._src.hvp import fd_step as fd_step
 from metagrad._src.hvp import hvp as hvp
+from metagrad._src.inner_rules import InnerRule as InnerRule
+from metagrad._src.inner_rules import learned_lr as learned_lr
+from metagrad._src.inner_rules import meta_sgd as meta_sgd
 from metagrad._src.maml import MAMLState as MAMLState
 from metagrad._src.maml import fomaml as fomaml
 from metagrad._src.maml import maml as maml
 from metagrad._src.maml import maml_pp_weights as maml_pp_weights
+from metagrad._src.mtl.gradnorm import GradNormState as GradNormState
+from metagrad._src.mtl.gradnorm import gradnorm as gradnorm
+from metagrad._src.mtl.recadam import RecAdamState as RecAdamState
+from metagrad._src.mtl.recadam import recadam as recadam
 from metagrad._src.mtl.surgery import GradVacState as GradVacState
 from metagrad._src.mtl.surgery import PCGradState as PCGradState
 from metagrad._src.mtl.surgery import gradvac as gradvac
 from metagrad._src.mtl.surgery import mtl_sum as mtl_sum
 from metagrad._src.mtl.surgery import pcgrad as pcgrad
-from metagrad._src.reptile_outer import ReptileOuterState as ReptileOuterState
 from metagrad._src.reptile import ReptileState as ReptileState
 from metagrad._src.reptile import reptile as reptile
+from metagrad._src.reptile_outer import ReptileOuterState as ReptileOuterState
 from metagrad._src.reptile_outer import reptile_outer as reptile_outer
 from metagrad._src.seq_reptile import seq_reptile as seq_reptile
 from metagrad._src.tasks import mixed_probs as mixed_probs

@@ -160,9 +160,7 @@ def _learner(learner: str, inner: str, loss_fn=loss):
             return getattr(mg, learner)(loss_fn, rule, INNER_STEPS, outer, axis_name=axis)
         if learner == "reptile":
             return mg.reptile(loss_fn, rule, INNER_STEPS, outer, axis_name=axis)
-        return mg.seq_reptile(
-            loss_fn, rule, INNER_STEPS, outer, pass_task_id=False, axis_name=axis
-        )
+        return mg.seq_reptile(loss_fn, rule, INNER_STEPS, outer, pass_task_id=False, axis_name=axis)
 
     return make
 
@@ -178,8 +176,12 @@ def _meta(learner: str, inner: str) -> Method:
             learner,
             error="inner must be an optax.GradientTransformation, got InnerRule",
         )
-    return Method(name, "meta", _learner(learner, inner), "seq" if learner == "seq_reptile" else
-                  ("reptile" if learner == "reptile" else "maml"))
+    return Method(
+        name,
+        "meta",
+        _learner(learner, inner),
+        "seq" if learner == "seq_reptile" else ("reptile" if learner == "reptile" else "maml"),
+    )
 
 
 # The battery's one list. A new method joins with one line here.

@@ -107,13 +107,9 @@ def main() -> None:
                     spread = 0.0
                     for leaf in cm.float_leaves(carry):
                         shards = [s.data for s in leaf.addressable_shards]
-                        spread = max(
-                            spread, max(cm.max_rel_diff(s, shards[0]) for s in shards)
-                        )
+                        spread = max(spread, max(cm.max_rel_diff(s, shards[0]) for s in shards))
                     devices = len(jax.tree.leaves(carry)[0].sharding.device_set)
-                out.update(
-                    diff=cm.max_rel_diff(carry, expected), spread=spread, devices=devices
-                )
+                out.update(diff=cm.max_rel_diff(carry, expected), spread=spread, devices=devices)
             except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
                 tb = traceback.format_exc(limit=3)
                 out["error"] = f"{type(e).__name__}: {str(e)[:600]}\n{tb[-1500:]}"

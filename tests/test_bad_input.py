@@ -52,7 +52,7 @@ def _reptile_step(tasks, **kwargs):
 
 
 def _seq_step(tasks):
-    learner = mg.seq_reptile(seq_loss, optax.sgd(0.1), 4, 0.5)
+    learner = mg.seq_reptile(seq_loss, optax.sgd(0.1), 4, 0.5, pass_task_id=True)
     return learner.step(learner.init(PARAMS), tasks)
 
 
@@ -145,19 +145,25 @@ CASES = [
      r"outer must be > 0"),
     ("reptile/flag", lambda: mg.reptile(loss, optax.sgd(0.1), 2, 0.5, batch_per_step=1),
      TypeError, r"batch_per_step must be a bool"),
-    ("reptile/empty-tasks", lambda: _reptile_step(()), ValueError,
-     r"tasks must contain at least one array"),
-    ("reptile/zero-tasks", lambda: _reptile_step((X[:0], Y[:0])), ValueError,
+    ("reptile/empty-tasks", lambda: _reptile_step(()), TypeError,
+     r"tasks must be a pair \(support, query\)"),
+    ("reptile/support-only", lambda: _reptile_step((X, Y)), ValueError,
+     r"loss_fn\(params, batch\) failed on the support batch of task 0"),
+    ("reptile/zero-tasks", lambda: _reptile_step(((X[:0], Y[:0]), (X[:0], Y[:0]))), ValueError,
      r"tasks must hold at least one task"),
-    ("reptile/task-axes", lambda: _reptile_step((X, Y[:3])), ValueError,
-     r"tasks leaves must have leading axes \[num_tasks, ...\]"),
-    ("reptile/batch_per_step-K", lambda: _reptile_step((X, Y), batch_per_step=True),
-     ValueError, r"tasks leaves must have leading axes \[num_tasks, inner_steps, ...\]"),
-    ("reptile/cosine-one-task", lambda: _reptile_step((X[:1], Y[:1]), alignment=True),
-     ValueError, r"tasks must hold >= 2 tasks for alignment"),
+    ("reptile/task-axes", lambda: _reptile_step(((X, Y[:3]), (X, Y))), ValueError,
+     r"tasks: the support leaves have different leading \(task\) axes"),
+    ("reptile/batch_per_step-K",
+     lambda: _reptile_step(((X, Y), (X, Y)), batch_per_step=True), ValueError,
+     r"tasks: support leaves must have leading axes \[num_tasks, inner_steps, ...\]"),
+    ("reptile/alignment-one-task",
+     lambda: _reptile_step(((X[:1], Y[:1]), (X[:1], Y[:1])), alignment=True), ValueError,
+     r"alignment=True needs at least 2 tasks"),
     # maml family
-    ("maml/outer-float", lambda: mg.maml(loss, optax.sgd(0.1), 1, 1e-3), TypeError,
-     r"outer must be an optax GradientTransformation"),
+    ("maml/outer-str", lambda: mg.maml(loss, optax.sgd(0.1), 1, "adam"), TypeError,
+     r"outer must be an optax GradientTransformation, or a step size"),
+    ("maml/outer-negative", lambda: mg.maml(loss, optax.sgd(0.1), 1, -1e-3), ValueError,
+     r"outer must be > 0"),
     ("maml/inner", lambda: mg.maml(loss, 0.1, 1, optax.adam(1e-3)), TypeError,
      r"inner must be an optax GradientTransformation or a metagrad InnerRule"),
     ("maml/inner_steps", lambda: mg.maml(loss, optax.sgd(0.1), -1, optax.adam(1e-3)),
@@ -253,7 +259,8 @@ CASES = [
     # multi-task baselines
     ("mtl_sum/reduction", lambda: mg.mtl_sum(reduction="max"), ValueError,
      r"reduction must be one of \('sum', 'mean'\)"),
-    ("pcgrad/seed", lambda: mg.pcgrad(seed="a"), TypeError, r"seed must be an int or a jax.random key"),
+    ("pcgrad/seed", lambda: mg.pcgrad(seed="a"), TypeError,
+     r"seed must be an int or a jax.random key"),
     ("pcgrad/no-task-axis", lambda: mg.pcgrad().update(jnp.ones(()), mg.pcgrad().init(1.0)),
      ValueError, r"updates must be per-task gradients stacked on a leading task axis"),
     ("gradvac/beta", lambda: mg.gradvac(3, beta=2.0), ValueError, r"beta must be in \(0, 1\]"),

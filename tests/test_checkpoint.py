@@ -157,7 +157,8 @@ def _maml_tasks(key, step):
 
 def _reptile_tasks(key, step):
     del step
-    return sample_tasks_batch(key, NUM_TASKS)[1]
+    batches = sample_tasks_batch(key, NUM_TASKS)[1]
+    return batches, batches  # (support, query)
 
 
 SEQ_K = 4
@@ -298,7 +299,7 @@ CASES = [
         "seq_reptile",
         _learner_case(
             lambda: mg.seq_reptile(
-                _seq_loss, optax.adam(0.05), SEQ_K, 0.5, reset_inner_state=False
+                _seq_loss, optax.adam(0.05), SEQ_K, 0.5, reset_inner_state=False, pass_task_id=True
             ),
             _seq_reptile_tasks,
         ),

@@ -428,7 +428,7 @@ def cell_checkpoint(method):
         assert np.array_equal(np.asarray(x), np.asarray(y)), "continuation not bit-identical"
 
 
-CELLS = {name[len("cell_"):]: fn for name, fn in globals().items() if name.startswith("cell_")}
+CELLS = {name[len("cell_") :]: fn for name, fn in globals().items() if name.startswith("cell_")}
 
 
 @pytest.mark.parametrize("name, cell", SINGLE)

@@ -115,7 +115,10 @@ def test_matches_naive_loop_over_inner_and_outer_steps(
     # Meta-test adaptation starts from the stored average (or zero), one task, 4 steps.
     for carry_into_eval in (True, False):
         rule = mg.grad_share(
-            ALPHA, normalize=normalize, per_layer=per_layer, carry_into_eval=carry_into_eval,
+            ALPHA,
+            normalize=normalize,
+            per_layer=per_layer,
+            carry_into_eval=carry_into_eval,
             layout=layout,
         )
         tester = mg.maml(loss_fn, rule, steps, optax.sgd(0.0))

@@ -266,7 +266,7 @@ def test_gradvac_adjustment_reaches_target_cosine(x64):
 def test_gradvac_random_order_two_tasks_equals_any_order(x64):
     grads = _tree_grads(jax.random.key(5), 2)
     params = _params_like(grads)
-    a, b = mg.gradvac(2, 0.5, seed=0), mg.gradvac(2, 0.5, shuffle=False)
+    a, b = mg.gradvac(2, beta=0.5, seed=0), mg.gradvac(2, beta=0.5, shuffle=False)
     sa, sb = a.init(params), b.init(params)
     update_a, update_b = jax.jit(a.update), jax.jit(b.update)
     for _ in range(3):
@@ -569,7 +569,7 @@ def test_gradnorm_weight_optimizer_and_mean_reduction(x64):
     "factory",
     [
         lambda: mg.pcgrad(shuffle=False, reduction="mean"),
-        lambda: mg.gradvac(3, 0.5, shuffle=False, reduction="mean"),
+        lambda: mg.gradvac(3, beta=0.5, shuffle=False, reduction="mean"),
     ],
 )
 def test_mean_reduction_is_sum_over_tasks(x64, factory):
@@ -579,7 +579,7 @@ def test_mean_reduction_is_sum_over_tasks(x64, factory):
     sum_tx = (
         mg.pcgrad(shuffle=False)
         if isinstance(mean_tx.init(params), mg.PCGradState)
-        else mg.gradvac(3, 0.5, shuffle=False)
+        else mg.gradvac(3, beta=0.5, shuffle=False)
     )
     om, _ = mean_tx.update(grads, mean_tx.init(params), params)
     osum, _ = sum_tx.update(grads, sum_tx.init(params), params)

@@ -134,16 +134,12 @@ LEARNERS = {
     "maml": lambda outer: mg.maml(loss, optax.sgd(0.1), 2, outer),
     "meta_sgd": lambda outer: mg.maml(loss, mg.meta_sgd(0.1), 1, outer),
     "reptile": lambda outer: mg.reptile(loss, optax.sgd(0.1), 2, outer),
-    "seq_reptile": lambda outer: mg.seq_reptile(
-        lambda p, b, t: loss(p, b), optax.sgd(0.1), 4, outer
-    ),
+    "seq_reptile": lambda outer: mg.seq_reptile(loss, optax.sgd(0.1), 4, outer),
 }
 
 
 def _tasks_for(name, step, poison):
     support, query = _maml_tasks(step, poison)
-    if name == "reptile":
-        return support
     if name == "seq_reptile":
         return jnp.array([0, 1, 2, 3], jnp.int32), support
     return support, query
@@ -177,7 +173,7 @@ CARRIED = {
         loss, optax.adam(0.1), 2, outer, reset_inner_state=False
     ),
     "seq_reptile_kept_inner_state": lambda outer: mg.seq_reptile(
-        lambda p, b, t: loss(p, b), optax.adam(0.1), 4, outer, reset_inner_state=False
+        loss, optax.adam(0.1), 4, outer, reset_inner_state=False
     ),
 }
 

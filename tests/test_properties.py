@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis) of invariants the methods promise for any valid input.
 
 - `dotprod` with weight 0 returns exactly Ḡ1 + Ḡ2, whatever the scheme, step and schedule.
-- `reptile_outer` with one inner step and ``outer_lr=1`` is the inner optimizer, bit for bit.
+- `reptile_outer` with one inner step, ``outer=1`` and a kept inner state is the inner
+  optimizer, bit for bit.
 - The task samplers' probabilities are valid (right length, non-negative, summing to one)
   and their draws are in range, for any valid sizes, exponents and ratios.
 
@@ -78,7 +79,8 @@ INNER = {
 
 @functools.cache
 def _reptile_and_inner(inner):
-    tx, ref = mg.reptile_outer(INNER[inner](), 1, 1.0), INNER[inner]()
+    tx = mg.reptile_outer(INNER[inner](), 1, 1.0, reset_inner_state=False)
+    ref = INNER[inner]()
 
     @jax.jit
     def step(g, p, s, q, r):

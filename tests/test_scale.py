@@ -146,6 +146,7 @@ TEMP_BOUNDS = {
     "mtl_sum": (_aggregate(mg.mtl_sum), AGG_TASKS + 1),
 }
 
+
 @pytest.fixture(scope="module")
 def warm():
     # The first lowering of a process sets up MLIR and XLA's compiler: not the method's cost.

@@ -124,9 +124,7 @@ def hyperparameter(
         if np.shape(value) != ():
             raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
         dtype = np.dtype(value.dtype)
-        ok = np.issubdtype(dtype, np.integer) or (
-            not integer and np.issubdtype(dtype, np.floating)
-        )
+        ok = np.issubdtype(dtype, np.integer) or (not integer and np.issubdtype(dtype, np.floating))
         if dtype == np.bool_ or not ok:
             raise wrong_type(f"an array of dtype {dtype}")
         if not isinstance(value, jax.core.Tracer):

@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -25,10 +26,10 @@ import optax
 
 from metagrad._src import checks as _checks
 from metagrad._src import loops as _loops
-from metagrad._src.base import LossFn, MetaLearner, Params, keep_if_finite
-from metagrad._src.inner_rules import InnerRule, as_inner_rule
-from metagrad._src.maml_loop import broadcast, check_loss, check_tasks, inner_loop
 from metagrad._src.adapt import to_invariant, to_varying
+from metagrad._src.base import LossFn, MetaLearner, Params, keep_if_finite, mean_over_tasks
+from metagrad._src.inner_rules import InnerRule, as_inner_rule
+from metagrad._src.maml_loop import broadcast, check_alignment, check_loss, check_tasks, inner_loop
 
 
 class MAMLState(NamedTuple):
@@ -79,29 +80,11 @@ def maml_pp_weights(num_steps: int, anneal_steps: int, count: jax.Array) -> jax.
     return jnp.concatenate([jnp.full((k - 1,), inter), last[None]])
 
 
-def _keep_carry_if_finite(new: Any, restore: Callable[[Any], Any], old: Any) -> Any:
-    """`keep_if_finite(restore(new), old)`, with the finiteness test run on `new`."""
-    floats = [x for x in jax.tree.leaves(new) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    if not floats:
-        return restore(new)
-    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), restore(new), old)
-
-
-def _task_mean(tree: Any) -> Any:
-    # Inner optimizer state kept across outer steps: floats are averaged over the task batch,
-    # integers (step counters, identical across tasks) are taken from the first task.
-    def leaf(x):
-        return jnp.mean(x, axis=0) if jnp.issubdtype(x.dtype, jnp.inexact) else x[0]
-
-    return jax.tree.map(leaf, tree)
-
-
 def maml(
     loss_fn: LossFn,
     inner: optax.GradientTransformation | InnerRule,
     inner_steps: int,
-    outer: optax.GradientTransformation,
+    outer: float | optax.Schedule | optax.GradientTransformation,
     *,
     first_order: bool = False,
     multi_step_loss: None | int | Callable[[jax.Array], jax.Array] = None,
@@ -143,7 +126,8 @@ def maml(
         its state starts fresh for every task unless `reset_inner_state` is False) or an
         `InnerRule` (`meta_sgd`, `learned_lr`, `grad_share`).
       inner_steps: number of inner steps K (>= 1).
-      outer: the optax optimizer applied to the meta-gradient.
+      outer: the optax optimizer applied to the meta-gradient, or a step size (a float or an
+        optax schedule) meaning ``optax.sgd(outer)``.
       first_order: if True, first-order MAML (inner gradients under `stop_gradient`);
         learned inner-rule parameters still receive their first-order gradient.
       multi_step_loss: ``None`` (meta-loss at the last inner step only), an int N >= 1 or a
@@ -216,7 +200,7 @@ def maml(
       >>> x = jnp.ones((4, 5)); y = x * jnp.arange(4.0)[:, None]
       >>> state, metrics = learner.step(state, ((x, y), (x, y)))
       >>> sorted(metrics), learner.adapt(state, (x[0], y[0]))["w"].shape
-      (['loss', 'loss_post', 'loss_pre'], ())
+      (['loss', 'loss_post', 'loss_pre', 'meta_grad_norm'], ())
 
     References:
       Finn et al., `Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks
@@ -227,7 +211,7 @@ def maml(
     inner_steps = _checks.positive_int("inner_steps", inner_steps)
     _checks.axis_name(axis_name)
     _loops.check(task_loop, step_loop)
-    outer = _checks.as_optimizer("outer", outer)
+    outer = _checks.outer_optimizer("outer", outer)
     for name, flag in [
         ("first_order", first_order),
         ("remat", remat),
@@ -261,7 +245,7 @@ def maml(
 
     def init(params):
         inner_params, carry = rule.init(params, inner_steps)
-        inner_state = () if reset_inner_state else rule.init_state(params)
+        inner_state = None if reset_inner_state else rule.init_state(params)
         return MAMLState(
             params=params,
             inner_params=inner_params,
@@ -278,6 +262,7 @@ def maml(
 
     def step(state, tasks):
         support, query, num_tasks = check_tasks(tasks)
+        check_alignment(alignment, num_tasks)
         jaxpr = check_loss(loss_fn, state.params, tasks)
         loops = _loops.resolve(
             task_loop, step_loop, num_tasks=num_tasks, num_steps=inner_steps, jaxpr=jaxpr
@@ -319,21 +304,10 @@ def maml(
         (_, (metrics, istate, carry)), grads = jax.value_and_grad(objective, has_aux=True)(
             to_varying(diff, axis_name)
         )
-        if reset_inner_state:
-            istate = ()
-        else:
-            istate = _task_mean(istate)
+        istate = None if reset_inner_state else mean_over_tasks(istate, axis_name)
         if axis_name is not None:
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
-            # Integer leaves (step counters) are identical across devices already.
-            istate = jax.tree.map(
-                lambda x: (
-                    jax.lax.pmean(x, axis_name)
-                    if jnp.issubdtype(x.dtype, jnp.inexact)
-                    else to_invariant(x, axis_name)
-                ),
-                istate,
-            )
+        metrics["meta_grad_norm"] = optax.tree.norm(grads)
         updates, outer_state = outer.update(grads, state.outer_state, diff)
         params, inner_params = optax.apply_updates(diff, updates)
         new_state = MAMLState(
@@ -342,8 +316,10 @@ def maml(
             outer_state=outer_state,
             # A non-finite task must not poison the state carried to later steps. The check
             # runs on the loop form of the carry (one flat vector for grad_share), same values.
-            carry=_keep_carry_if_finite(
-                to_invariant(jax.lax.stop_gradient(carry), axis_name), restore_carry, state.carry
+            carry=keep_if_finite(
+                restore_carry(to_invariant(jax.lax.stop_gradient(carry), axis_name)),
+                state.carry,
+                check=carry,
             ),
             inner_state=keep_if_finite(istate, state.inner_state),
             count=state.count + 1,
@@ -376,7 +352,7 @@ def fomaml(
     loss_fn: LossFn,
     inner: optax.GradientTransformation | InnerRule,
     inner_steps: int,
-    outer: optax.GradientTransformation,
+    outer: float | optax.Schedule | optax.GradientTransformation,
     **kwargs: Any,
 ) -> MetaLearner:
     """First-order MAML: `maml` with ``first_order=True``.
@@ -391,7 +367,8 @@ def fomaml(
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       inner: an optax transformation or an `InnerRule`, as in `maml`.
       inner_steps: number of inner steps (>= 1).
-      outer: the optax optimizer applied to the meta-gradient.
+      outer: the optax optimizer applied to the meta-gradient, or a step size (a float or an
+        optax schedule) meaning ``optax.sgd(outer)``.
       **kwargs: the other keyword arguments of `maml` (not `first_order`).
 
     Returns:
@@ -414,3 +391,10 @@ def fomaml(
     if "first_order" in kwargs:
         raise TypeError("first_order is fixed to True by fomaml; use maml to choose it")
     return maml(loss_fn, inner, inner_steps, outer, first_order=True, **kwargs)
+
+
+# `fomaml` forwards maml's keywords: show them in its signature (help(), IDEs, inspect).
+_MAML_SIGNATURE = inspect.signature(maml)
+fomaml.__signature__ = _MAML_SIGNATURE.replace(
+    parameters=[p for p in _MAML_SIGNATURE.parameters.values() if p.name != "first_order"]
+)

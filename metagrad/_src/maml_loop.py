@@ -14,6 +14,7 @@ import numpy as np
 
 from metagrad._src import loops as _loops
 from metagrad._src.base import LossFn
+from metagrad._src.diagnostics import mean_pairwise_cosine
 
 
 def check_tasks(tasks: Any) -> tuple[Any, Any, int]:
@@ -86,15 +87,6 @@ def check_loss(loss_fn: LossFn, params: Any, tasks: Any) -> Any:
             f"({describe(out)}) on task 0's support batch"
         )
     return jaxpr
-
-
-def mean_pairwise_cosine(grads: Any) -> jax.Array:
-    flat = jnp.concatenate([g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)], axis=1)
-    sq = jnp.sum(flat * flat, axis=1)
-    unit = flat * jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0))[:, None]
-    gram = jnp.matmul(unit, unit.T, precision=jax.lax.Precision.HIGHEST)
-    b = flat.shape[0]
-    return (jnp.sum(gram) - jnp.trace(gram)) / max(b * (b - 1), 1)
 
 
 def inner_loop(

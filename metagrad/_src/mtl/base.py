@@ -1,4 +1,4 @@
-"""Building blocks shared by the multi-task aggregators (`metagrad._src.mtl.surgery`, `metagrad._src.mtl.gradnorm`).
+"""Building blocks shared by the multi-task aggregators of `metagrad._src.mtl`.
 
 An aggregator maps per-task gradients stacked on a leading task axis (leaves ``[T, *shape]``)
 to one combined gradient (leaves ``[*shape]``). Because it changes the updates' shapes it can

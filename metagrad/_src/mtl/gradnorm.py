@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad._src.mtl import base as _aggregate
 from metagrad._src import checks as _checks
+from metagrad._src.mtl import base as _aggregate
 from metagrad._src.mtl.base import check_task_axis, combine
 
 _WEIGHT_UPDATES = ("clip", "log")

@@ -3,7 +3,7 @@
 These are the multi-task baselines of Lee et al., `Sequential Reptile: Inter-Task Gradient
 Alignment for Multilingual Learning <https://openreview.net/forum?id=ivQruFJXNI>`_ (ICLR 2022):
 plain multi-task learning (the sum of the task gradients), PCGrad (Yu et al., 2020) and GradVac
-(Wang et al., 2021). GradNorm and RecAdam live in `metagrad._src.mtl.gradnorm` and `metagrad._src.mtl.recadam`.
+(Wang et al., 2021). GradNorm and RecAdam have modules of their own in `metagrad._src.mtl`.
 
 Every combiner here takes per-task gradients stacked on a leading task axis (each leaf of the
 update has shape ``[T, *param_shape]``, as `jax.vmap` of a per-task gradient gives) and returns
@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metagrad._src.mtl import base as _aggregate
 from metagrad._src import checks as _checks
+from metagrad._src.mtl import base as _aggregate
 from metagrad._src.mtl.base import EXACT as _EXACT
 from metagrad._src.mtl.base import check_reduction as _check_reduction
 from metagrad._src.mtl.base import check_task_axis, combine, keep_state_if_finite
