@@ -111,8 +111,10 @@ def add_options(parser, config_cls, budgets: Mapping[str, Mapping], prefix: str)
         if spec["type"] is bool:
             kw["action"] = "store_true"
         else:
-            kw["type"] = int_at_least(spec["minimum"]) if spec["minimum"] is not None else (
-                spec["type"] or str
+            kw["type"] = (
+                int_at_least(spec["minimum"])
+                if spec["minimum"] is not None
+                else (spec["type"] or str)
             )
             if spec["choices"] is not None:
                 kw["choices"] = spec["choices"]

@@ -54,7 +54,6 @@ import numpy as np
 import optax
 
 import metagrad as mg
-
 from experiments import config, writers
 from experiments.models import conv4_apply, conv4_init
 
@@ -95,6 +94,7 @@ SETTINGS = {
     "cub": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, meta_batch=4, hidden=32),
     "mini_imagenet": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, meta_batch=4, hidden=32),
 }
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:

@@ -101,9 +101,7 @@ class Config:
     train_shots: int = option(
         "K support (and query) points per meta-training task", default=10, minimum=1
     )
-    methods: tuple[str, ...] = option(
-        "methods to run", default=METHODS, choices=METHODS, many=True
-    )
+    methods: tuple[str, ...] = option("methods to run", default=METHODS, choices=METHODS, many=True)
     reptile_inner_steps: int = 10
     grad_share_inner_steps: int = 1
     dotprod_weight: float = option(
