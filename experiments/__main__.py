@@ -2,7 +2,7 @@
 
 import sys
 
-from experiments.runner import main
+from experiments.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,8 +17,9 @@ The benchmark times all four and reports the fastest as "best hand-written".
 Methods (``make_step(method, ...)``): second-order MAML (``"maml"``), first-order MAML
 (``"fomaml"``), MAML with gradient sharing (``"grad_share"``: the rule of SPEC section 1 with
 m_k, λ_k learned, G carried across outer steps, per-task unit-norm normalization, logits
-starting at 0) and Reptile (``"reptile"``: K SGD steps per task on its batch, meta-gradient
-φ − mean_t θ_t). The outer optimizer is any optax transformation.
+starting at 0) and Reptile (``"reptile"``: K SGD steps per task on its support batch,
+meta-gradient φ − mean_t θ_t, and the query loss at θ_t, the loss `metagrad.reptile`
+reports). The outer optimizer is any optax transformation.
 """
 
 from __future__ import annotations
@@ -135,8 +136,8 @@ def _query_loss(loss_fn, adapted, query, tasks):
 def make_step(method, loss_fn, num_steps, lr, outer, variant):
     """``(init(params) -> state, step(state, tasks) -> (state, loss))``, step not jitted.
 
-    `tasks` is ``(support, query)``, for Reptile one batch (support and query pooled along
-    the example axis, as `metagrad.reptile` takes it).
+    `tasks` is ``(support, query)`` for every method (Reptile trains on the support batch
+    and evaluates the query batch after adaptation, as `metagrad.reptile` does).
     The state is ``(params, learned, opt_state, G)``: `learned` holds grad_share's logits
     ``(m[K], λ[K])`` (else ``()``), `G` its running average (else ``()``).
     """
@@ -169,15 +170,16 @@ def make_step(method, loss_fn, num_steps, lr, outer, variant):
         params, learned, opt_state, average = state
         diff = (params, learned)
         if method == "reptile":
-            adapted, losses, _ = inner_loop(
-                loss_fn, params, tasks, num_steps, lr, variant, first_order=True
+            support, query = tasks
+            adapted, _, _ = inner_loop(
+                loss_fn, params, support, num_steps, lr, variant, first_order=True
             )
             if tasks_mode == "unroll":
                 mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *adapted)
             else:
                 mean = jax.tree.map(lambda x: jnp.mean(x, axis=0), adapted)
             grads = (jax.tree.map(jnp.subtract, params, mean), learned)
-            loss = jnp.mean(losses)
+            loss = _query_loss(loss_fn, adapted, query, tasks_mode)
         else:
             (loss, average), grads = jax.value_and_grad(meta_loss, has_aux=True)(
                 diff, average, tasks

@@ -14,8 +14,7 @@ For each model, shots, K and method (second-order MAML, FOMAML, Reptile, MAML wi
 (``lower`` + ``compile``) and the compiled program's memory (temp + argument + output bytes
 of ``memory_analysis()``) of
 
-- metagrad's learner, one row per execution strategy (``task_loop/step_loop``) when the
-  installed metagrad takes these keywords, else its default;
+- metagrad's learner, one row per execution strategy (``task_loop/step_loop``);
 - the hand-written JAX programs of `experiments.bench_real_jax` (four variants; the fastest is
   "best hand-written", the ratio's denominator);
 - PyTorch (`experiments.bench_real_torch`, ``torch.set_num_threads(2)`` unless
@@ -165,15 +164,9 @@ def episodes(model: Model, shots: int, seed: int = 1, num_tasks: int = META_BATC
 
 
 def pooled(tasks):
-    return jax.tree.map(lambda s, q: jnp.concatenate([s, q], axis=1), *tasks)
-
-
-def strategy_keywords_supported() -> bool:
-    try:
-        mg.maml(conv4_loss, optax.sgd(0.1), 1, optax.sgd(0.1), task_loop="auto", step_loop="auto")
-    except TypeError:
-        return False
-    return True
+    """Reptile's ``(support, query)``: it trains on support and query pooled, evaluates query."""
+    support, query = tasks
+    return jax.tree.map(lambda s, q: jnp.concatenate([s, q], axis=1), support, query), query
 
 
 def mg_learner(method, model, num_steps, outer, strategy=None):
@@ -236,9 +229,8 @@ def check(model: Model, method: str, use_torch: bool) -> dict:
 
 
 def _torch_inputs(method, tasks):
-    if method == "reptile":
-        return tref.to_torch_batch(*pooled(tasks))
-    return tuple(tref.to_torch_batch(*part) for part in tasks)
+    inputs = pooled(tasks) if method == "reptile" else tasks
+    return tuple(tref.to_torch_batch(*part) for part in inputs)
 
 
 @dataclasses.dataclass
@@ -329,12 +321,6 @@ def run(args) -> list[dict]:
         # (OpenMP threads wait on each other): measure on an idle machine.
         torch.set_num_threads(getattr(args, "real_torch_threads", 2))
     strategies = getattr(args, "real_strategies", None) or list(preset["strategies"])
-    if not strategy_keywords_supported():
-        log(
-            f"  real_models: metagrad at {mg.__file__} has no task_loop/step_loop keywords: "
-            f"skipping the strategy rows {strategies}, timing its default only"
-        )
-        strategies = [None]
     hand = getattr(args, "real_hand", None) or list(preset["hand"])
     rounds, iters = getattr(args, "real_rounds", 5), getattr(args, "real_iters", 2)
     todo = settings(args)

@@ -5,8 +5,9 @@ modules, and MAML written with `torch.func.functional_call` and `torch.autograd.
 (``create_graph=True`` for second order), one task at a time with the query loss
 back-propagated per task, as in learn2learn's examples. FOMAML takes the inner gradients
 without a graph; gradient sharing (the rule of SPEC section 1, m_k and λ_k learned) steps the
-tasks in lock-step and back-propagates once; Reptile adapts each task on its pooled images
-under plain autograd and hands φ − mean_t θ_t to the optimizer as the gradient.
+tasks in lock-step and back-propagates once; Reptile adapts each task on its support images
+under plain autograd, evaluates the query loss at the adapted weights (without a graph, the
+loss `metagrad.reptile` reports) and hands φ − mean_t θ_t to the optimizer as the gradient.
 
 Weights come from the JAX params (HWIO kernels to OIHW, dense ``[in, out]`` to ``[out, in]``)
 so both frameworks start from the same point; images are converted NHWC -> NCHW once, outside
@@ -129,13 +130,12 @@ class TorchMeta:
         return {n: w - self.lr * g for (n, w), g in zip(fast.items(), grads, strict=True)}
 
     def step(self, tasks):
-        """One outer step; `tasks` is ``((x_s, y_s), (x_q, y_q))``, for Reptile ``(x, y)``."""
+        """One outer step; `tasks` is ``((x_s, y_s), (x_q, y_q))``."""
         self.opt.zero_grad(set_to_none=True)
+        (xs, ys), (xq, yq) = tasks
         if self.method == "reptile":
-            self._reptile(*tasks)
-        else:
-            (xs, ys), (xq, yq) = tasks
-        if self.method in ("maml", "fomaml"):
+            self._reptile(xs, ys, xq, yq)
+        elif self.method in ("maml", "fomaml"):
             second = self.method == "maml"
             for t in range(xs.shape[0]):
                 fast = self.params
@@ -173,20 +173,24 @@ class TorchMeta:
         loss.backward()
         self.average = {n: a.detach() for n, a in average.items()}
 
-    def _reptile(self, x, y):
-        num_tasks = x.shape[0]
+    def _reptile(self, xs, ys, xq, yq):
+        num_tasks = xs.shape[0]
         mean = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        query_loss = torch.zeros(())
         for t in range(num_tasks):
             fast = {n: p.detach().requires_grad_() for n, p in self.params.items()}
             for _ in range(self.num_steps):
                 fast = {
                     n: w.detach().requires_grad_()
-                    for n, w in self._adapt(fast, x[t], y[t], False).items()
+                    for n, w in self._adapt(fast, xs[t], ys[t], False).items()
                 }
+            with torch.no_grad():
+                query_loss += self._loss(fast, xq[t], yq[t]) / num_tasks
             for n, w in fast.items():
                 mean[n] += w.detach() / num_tasks
         for n, p in self.params.items():
             p.grad = p.detach() - mean[n]
+        self.query_loss = query_loss  # the loss metagrad.reptile reports
 
     def torch_layout_params(self):
         return {n: p.detach().numpy().copy() for n, p in self.params.items()}

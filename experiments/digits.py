@@ -12,9 +12,10 @@ Methods, all with Adam (lr 1e-3) and batches of 32:
 - ``plain``: one batch per Adam step.
 - ``dotprod``: ``optax.chain(mg.dotprod(weight=0.1), optax.adam(1e-3))``; each step takes
   two batches (b1 gives the gradient passed in, b2 the ``grad_fn``).
-- ``reptile``: ``mg.reptile_outer(optax.adam(1e-3), 4, 0.5)``: every call is an inner Adam
-  step on one batch; every 4th call moves the outer weights halfway to the inner ones
-  (the DotProd paper keeps k = 4 for Reptile and FOMAML).
+- ``reptile``: ``mg.reptile_outer(optax.adam(1e-3), 4, 0.5, reset_inner_state=False)``:
+  every call is an inner Adam step on one batch; every 4th call moves the outer weights
+  halfway to the inner ones (the DotProd paper keeps k = 4 for Reptile and FOMAML); one
+  task throughout, so the Adam state carries over outer steps.
 - ``fomaml``: single-task FOMAML-style (our choice): each step splits its two batches into
   support b1 and query b2, takes one inner SGD step on b1 (lr 0.1) and applies the query
   gradient at the adapted weights, ∇L(θ − α∇L(θ; b1); b2), with Adam; this is `mg.fomaml`
@@ -49,7 +50,8 @@ import numpy as np
 import optax
 
 import metagrad as mg
-from experiments import runner
+from experiments import config, writers
+from experiments.config import option
 from experiments.models import mlp_apply, mlp_init
 
 NAME = "digits"
@@ -76,15 +78,22 @@ DOT_BATCHES = 16  # batches whose consecutive gradient dot products are logged
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    seeds: int
-    batches: int  # batches consumed per run (an even number)
-    log_every: int  # in batches; also the chunk of one jitted call
-    train_size: int = 500
-    methods: tuple[str, ...] = METHODS
-    dotprod_weight: float = 0.1
+    seeds: int = option("seeds", minimum=2)
+    batches: int = option("batches of 32 consumed per run", minimum=1)
+    log_every: int = 50  # in batches; also the chunk of one jitted call
+    train_size: int = option("training examples", default=500, minimum=1)
+    methods: tuple[str, ...] = option("methods", default=METHODS, choices=METHODS, many=True)
+    dotprod_weight: float = option("DotProd weight", default=0.1, type=float)
     reptile_k: int = 4
-    reptile_outer_lr: float = 0.5
+    reptile_outer: float = 0.5
     fomaml_inner_lr: float = 0.1
+
+    def __post_init__(self):
+        # Whole rounds of two batches, whole Reptile cycles, whole logging chunks.
+        batches = max(8, self.batches)
+        log_every = max(8, min(self.log_every, batches) // 8 * 8)
+        object.__setattr__(self, "log_every", log_every)
+        object.__setattr__(self, "batches", batches // log_every * log_every)
 
 
 BUDGETS = {
@@ -95,56 +104,7 @@ BUDGETS = {
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--digits-seeds",
-        type=runner.int_at_least(2),
-        default=None,
-        help="seeds (>= 2; default: tiny 2, quick 5, full 10)",
-    )
-    parser.add_argument(
-        "--digits-batches",
-        type=runner.int_at_least(1),
-        default=None,
-        help="batches of 32 consumed per run (default: tiny 40, quick 1600, full 10000)",
-    )
-    parser.add_argument(
-        "--digits-train-size",
-        type=runner.int_at_least(1),
-        default=500,
-        help="training examples (default: 500)",
-    )
-    parser.add_argument(
-        "--digits-methods",
-        nargs="+",
-        choices=METHODS,
-        default=None,
-        help=f"methods (default: all of {', '.join(METHODS)})",
-    )
-    parser.add_argument(
-        "--digits-dotprod-weight", type=float, default=0.1, help="DotProd weight (default: 0.1)"
-    )
-
-
-def _config(budget: str, args) -> Config:
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {tuple(BUDGETS)}, got {budget!r}")
-    kw = dict(BUDGETS[budget])
-    get = (lambda name: getattr(args, name, None)) if args is not None else (lambda name: None)
-    for opt, field in (
-        ("digits_seeds", "seeds"),
-        ("digits_batches", "batches"),
-        ("digits_train_size", "train_size"),
-        ("digits_dotprod_weight", "dotprod_weight"),
-    ):
-        if get(opt) is not None:
-            kw[field] = get(opt)
-    if get("digits_methods"):
-        kw["methods"] = tuple(get("digits_methods"))
-    kw["batches"] = max(2 * kw["reptile_k"] if "reptile_k" in kw else 8, kw["batches"])
-    # Whole rounds of two batches, whole Reptile cycles, whole logging chunks.
-    kw["log_every"] = max(8, min(kw["log_every"], kw["batches"]) // 8 * 8)
-    kw["batches"] = kw["batches"] // kw["log_every"] * kw["log_every"]
-    return Config(**kw)
+    config.add_options(parser, Config, BUDGETS, NAME)
 
 
 def load_digits():
@@ -197,7 +157,7 @@ def _make_round(name: str, cfg: Config):
     if name == "reptile":
         # One task throughout: the inner Adam state carries over outer steps.
         tx = mg.reptile_outer(
-            optax.adam(LR), cfg.reptile_k, cfg.reptile_outer_lr, reset_inner_state=False
+            optax.adam(LR), cfg.reptile_k, cfg.reptile_outer, reset_inner_state=False
         )
         return two_steps(tx)
     if name == "fomaml":
@@ -339,7 +299,7 @@ def run(
 ) -> list[dict]:
     """Trains every method over the seeds, writes digits.{json,csv} and digits_grad_dot.png."""
     out_dir = pathlib.Path(out_dir)
-    cfg = _config(budget, args)
+    cfg = config.resolve(Config, BUDGETS, budget, args, NAME)
     x_np, y_np = load_digits()
     x_all, y_all = jnp.asarray(x_np), jnp.asarray(y_np)
     seed_keys = jax.random.split(jax.random.key(seed), cfg.seeds)
@@ -351,7 +311,7 @@ def run(
                 name, cfg, seed_keys, x_all, y_all, progress=progress
             )
         except Exception as e:  # noqa: BLE001 - reported in the table, the others go on
-            rows.append(runner.error_row(out_dir, LABELS[name], e))
+            rows.append(writers.error_row(out_dir, LABELS[name], e))
             continue
         traces[name] = (dots, cosines)
         per_seed[name] = {k: v.tolist() for k, v in metrics.items()}
@@ -371,7 +331,7 @@ def run(
         )
     if traces:
         _plot(out_dir, cfg, traces)
-    runner.write_json(
+    writers.write_json(
         out_dir / "digits.json",
         {
             "config": dataclasses.asdict(cfg) | {"budget": budget, "seed": seed},
@@ -382,5 +342,5 @@ def run(
             "log_every_batches": cfg.log_every,
         },
     )
-    runner.write_csv(out_dir / "digits.csv", rows)
+    writers.write_csv(out_dir / "digits.csv", rows)
     return rows

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 
 import metagrad as mg
-from experiments import runner
+from experiments import config, writers
 from experiments.models import conv4_apply, conv4_init
 
 NAME = "fewshot"
@@ -94,6 +94,21 @@ SETTINGS = {
     "cub": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, meta_batch=4, hidden=32),
     "mini_imagenet": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, meta_batch=4, hidden=32),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A run's settings: the dataset's (SETTINGS) under the budget's (BUDGETS) under options."""
+
+    iterations: int  # --fewshot-iterations
+    eval_episodes: int
+    queries: int
+    inner_lr: float
+    inner_steps: int
+    eval_steps: int
+    meta_batch: int
+    hidden: int
+
 
 BUDGETS = {
     "tiny": dict(
@@ -294,7 +309,7 @@ def add_arguments(parser) -> None:
         default=None,
         help="directory to save/load the class index (labels read once per dataset)",
     )
-    at_least = runner.int_at_least
+    at_least = config.int_at_least
     parser.add_argument("--fewshot-ways", type=at_least(2), default=5, help="N (default: 5)")
     parser.add_argument("--fewshot-shots", type=at_least(1), default=1, help="K (default: 1)")
     parser.add_argument(
@@ -324,15 +339,13 @@ def run(
     """Meta-trains each method on episodes, reports meta-test accuracy (95% CI)."""
     from tqdm.auto import tqdm
 
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {tuple(BUDGETS)}, got {budget!r}")
     out_dir = pathlib.Path(out_dir)
     dataset = _opt(args, "fewshot_dataset", "omniglot")
     spec = DATASETS[dataset]
     if _opt(args, "fewshot_tfds_name"):
         spec = dataclasses.replace(spec, tfds_name=args.fewshot_tfds_name)
-    cfg = dict(SETTINGS[dataset]) | BUDGETS[budget]
-    cfg["iterations"] = _opt(args, "fewshot_iterations", cfg["iterations"])
+    settings = config.resolve(Config, BUDGETS, budget, args, NAME, base=SETTINGS[dataset])
+    cfg = dataclasses.asdict(settings)
     ways, shots = _opt(args, "fewshot_ways", 5), _opt(args, "fewshot_shots", 1)
     methods = tuple(_opt(args, "fewshot_methods", METHODS))
     data_dir = _opt(args, "fewshot_data_dir")
@@ -397,7 +410,7 @@ def run(
                 support, query = test_eps.episode(rng)
                 accs.append(float(evaluate(state, support, query)))
         except Exception as e:  # noqa: BLE001 - reported in the table, the others go on
-            rows.append(runner.error_row(out_dir, method, e))
+            rows.append(writers.error_row(out_dir, method, e))
             continue
         accs = np.array(accs)
         curves[method] = losses
@@ -429,9 +442,9 @@ def run(
         fig.tight_layout()
         fig.savefig(out_dir / "fewshot_training.png", dpi=110)
         plt.close(fig)
-    runner.write_json(
+    writers.write_json(
         out_dir / "fewshot.json",
         {"config": cfg | {"dataset": dataset, "ways": ways, "shots": shots}, "rows": rows},
     )
-    runner.write_csv(out_dir / "fewshot.csv", rows)
+    writers.write_csv(out_dir / "fewshot.csv", rows)
     return rows

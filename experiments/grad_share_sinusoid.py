@@ -37,7 +37,8 @@ import numpy as np
 import optax
 
 import metagrad as mg
-from experiments import runner
+from experiments import config, writers
+from experiments.config import option
 from experiments.data import sinusoid_tasks
 from experiments.models import mlp_init_normal, mse_loss
 
@@ -48,48 +49,32 @@ OUTER_LR, SHOTS, BASE_LR = 1e-3, 10, 0.01
 METHODS = ("maml", "maml+grad_share")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
-    seeds: int
-    steps: int
-    eval_every: int
+    steps: int = option("outer steps", minimum=1)
+    # Two seeds give a standard error; the speed-up figures in the README use 3 or more.
+    seeds: int = option("seeds", minimum=2)
+    eval_every: int = 100
     inner_steps: int = 5
-    task_batch: int = 5
+    task_batch: int = option("tasks per step", default=5, minimum=1)
     eval_tasks: int = 200
     lr_factors: tuple = (1.0, 10.0)
 
+    def __post_init__(self):
+        # Whole evaluation chunks.
+        steps = max(self.eval_every, self.steps // self.eval_every * self.eval_every)
+        object.__setattr__(self, "steps", steps)
+
 
 BUDGETS = {
-    "tiny": Config(seeds=2, steps=10, eval_every=5, inner_steps=1, eval_tasks=10),
-    "quick": Config(seeds=3, steps=1500, eval_every=100),
-    "full": Config(seeds=5, steps=30000, eval_every=1000, eval_tasks=500),
+    "tiny": dict(seeds=2, steps=10, eval_every=5, inner_steps=1, eval_tasks=10),
+    "quick": dict(seeds=3, steps=1500, eval_every=100),
+    "full": dict(seeds=5, steps=30000, eval_every=1000, eval_tasks=500),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("grad_share")
-    at_least = runner.int_at_least
-    group.add_argument("--grad-share-steps", type=at_least(1), default=None, help="outer steps")
-    # Two seeds give a standard error; the speed-up figures in the README use 3 or more.
-    group.add_argument(
-        "--grad-share-seeds",
-        type=at_least(2),
-        default=None,
-        help="seeds (>= 2; default: tiny 2, quick 3, full 5)",
-    )
-    group.add_argument(
-        "--grad-share-task-batch", type=at_least(1), default=None, help="tasks per step"
-    )
-
-
-def _config(budget: str, args) -> Config:
-    cfg = dataclasses.replace(BUDGETS[budget])
-    for field in ("steps", "seeds", "task_batch"):
-        value = getattr(args, f"grad_share_{field}", None) if args is not None else None
-        if value is not None:
-            setattr(cfg, field, value)
-    cfg.steps = max(cfg.eval_every, cfg.steps // cfg.eval_every * cfg.eval_every)
-    return cfg
+    config.add_options(parser, Config, BUDGETS, NAME)
 
 
 def _learner(method: str, cfg: Config) -> mg.MetaLearner:
@@ -227,7 +212,7 @@ def run(
     args: argparse.Namespace | None = None,
 ) -> list[dict]:
     """Runs MAML and MAML+grad_share at 1x and 10x inner lr; writes JSON, CSV and a PNG."""
-    cfg = _config(budget, args)
+    cfg = config.resolve(Config, BUDGETS, budget, args, NAME)
     eval_support, eval_query, _ = sinusoid_tasks(
         jax.random.PRNGKey(10_000 + seed), cfg.eval_tasks, SHOTS, 100
     )
@@ -268,7 +253,7 @@ def run(
             rows.append(row)
 
     _plot(out_dir / "grad_share_curves.png", steps, curves, cfg)
-    runner.write_json(
+    writers.write_json(
         out_dir / "grad_share.json",
         {
             "config": dataclasses.asdict(cfg) | {"budget": budget, "seed": seed},
@@ -280,5 +265,5 @@ def run(
             "rows": rows,
         },
     )
-    runner.write_csv(out_dir / "grad_share.csv", rows)
+    writers.write_csv(out_dir / "grad_share.csv", rows)
     return rows

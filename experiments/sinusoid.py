@@ -61,7 +61,8 @@ import numpy as np
 import optax
 
 import metagrad as mg
-from experiments import runner
+from experiments import config, writers
+from experiments.config import option
 from experiments.data import sinusoid_tasks
 from experiments.models import mlp_apply, mlp_init_normal, mse_loss
 
@@ -94,15 +95,26 @@ DIVERGED = 100.0
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    iterations: int
-    test_tasks: int
-    chunk: int  # meta-iterations per jitted call (a lax.scan)
-    train_shots: int = 10
-    methods: tuple[str, ...] = METHODS
+    iterations: int = option("meta-iterations per method", minimum=1)
+    test_tasks: int = option("test tasks for the evaluation", minimum=1)
+    chunk: int = 10  # meta-iterations per jitted call (a lax.scan)
+    train_shots: int = option(
+        "K support (and query) points per meta-training task", default=10, minimum=1
+    )
+    methods: tuple[str, ...] = option("methods to run", default=METHODS, choices=METHODS, many=True)
     reptile_inner_steps: int = 10
     grad_share_inner_steps: int = 1
-    dotprod_weight: float = 0.01
-    dotprod_scheme: str = "forward"
+    dotprod_weight: float = option(
+        "weight of DotProd's dot-product gradient (the paper's 0.1 diverges on these tasks)",
+        default=0.01,
+        type=float,
+    )
+    dotprod_scheme: str = option(
+        "DotProd's Hessian-vector product: the paper's forward difference, central "
+        "difference or exact (jax.jvp)",
+        default="forward",
+        choices=("forward", "central", "exact"),
+    )
 
 
 BUDGETS = {
@@ -113,66 +125,7 @@ BUDGETS = {
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--sinusoid-iterations",
-        type=runner.int_at_least(1),
-        default=None,
-        help="meta-iterations per method (default by budget: tiny 20, quick 4000, full 70000)",
-    )
-    parser.add_argument(
-        "--sinusoid-methods",
-        nargs="+",
-        choices=METHODS,
-        default=None,
-        help=f"methods to run (default: all of {', '.join(METHODS)})",
-    )
-    parser.add_argument(
-        "--sinusoid-train-shots",
-        type=runner.int_at_least(1),
-        default=10,
-        help="K support (and query) points per meta-training task (default: 10)",
-    )
-    parser.add_argument(
-        "--sinusoid-test-tasks",
-        type=runner.int_at_least(1),
-        default=None,
-        help="test tasks for the evaluation (default by budget: tiny 100, else 1000)",
-    )
-    parser.add_argument(
-        "--sinusoid-dotprod-weight",
-        type=float,
-        default=None,
-        help="weight of DotProd's dot-product gradient (default: 0.01; the paper's 0.1 "
-        "diverges on these tasks)",
-    )
-    parser.add_argument(
-        "--sinusoid-dotprod-scheme",
-        choices=("forward", "central", "exact"),
-        default=None,
-        help="DotProd's Hessian-vector product: the paper's forward difference (default), "
-        "central difference or exact (jax.jvp)",
-    )
-
-
-def _config(budget: str, args) -> Config:
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {tuple(BUDGETS)}, got {budget!r}")
-    kw = dict(BUDGETS[budget])
-    get = (lambda name: getattr(args, name, None)) if args is not None else (lambda name: None)
-    if get("sinusoid_iterations") is not None:
-        kw["iterations"] = get("sinusoid_iterations")
-    if get("sinusoid_test_tasks") is not None:
-        kw["test_tasks"] = get("sinusoid_test_tasks")
-    if get("sinusoid_methods"):
-        kw["methods"] = tuple(get("sinusoid_methods"))
-    if get("sinusoid_train_shots") is not None:
-        kw["train_shots"] = get("sinusoid_train_shots")
-    if get("sinusoid_dotprod_scheme") is not None:
-        kw["dotprod_scheme"] = get("sinusoid_dotprod_scheme")
-    if get("sinusoid_dotprod_weight") is not None:
-        kw["dotprod_weight"] = get("sinusoid_dotprod_weight")
-    kw["chunk"] = max(1, min(kw["chunk"], kw["iterations"]))
-    return Config(**kw)
+    config.add_options(parser, Config, BUDGETS, NAME)
 
 
 # -- methods: each is (init(params) -> state, step(state, key) -> (state, loss), params_of) ----
@@ -483,7 +436,7 @@ def run(
 ) -> list[dict]:
     """Meta-trains every method, evaluates it, writes sinusoid.{json,csv} and two PNGs."""
     out_dir = pathlib.Path(out_dir)
-    cfg = _config(budget, args)
+    cfg = config.resolve(Config, BUDGETS, budget, args, NAME)
     key = jax.random.key(seed)
     k_init, k_train, k_eval, k_plot = jax.random.split(key, 4)
     params0 = mlp_init_normal(k_init)
@@ -498,7 +451,7 @@ def run(
             if name == "maml_grad_share":
                 own = _learner_adapt_curves(method.learner, state, k_eval, cfg.test_tasks)
         except Exception as e:  # noqa: BLE001 - reported in the table, the others go on
-            rows.append(runner.error_row(out_dir, LABELS[name], e))
+            rows.append(writers.error_row(out_dir, LABELS[name], e))
             continue
         results[name] = {"curves": curves, "train_loss": losses}
         params_by_method[name] = params
@@ -542,12 +495,12 @@ def run(
             for name, r in results.items()
         },
     }
-    runner.write_json(out_dir / "sinusoid.json", summary)
+    writers.write_json(out_dir / "sinusoid.json", summary)
     # Per-task query MSEs, [shots, tasks, steps], for re-analysis (medians, divergence).
     np.savez_compressed(
         out_dir / "sinusoid_curves.npz",
         eval_shots=np.array(EVAL_SHOTS),
         **{name: r["curves"] for name, r in results.items()},
     )
-    runner.write_csv(out_dir / "sinusoid.csv", rows)
+    writers.write_csv(out_dir / "sinusoid.csv", rows)
     return rows

@@ -73,7 +73,8 @@ import numpy as np
 import optax
 
 import metagrad as mg
-from experiments import runner
+from experiments import config, writers
+from experiments.config import option
 
 NAME = "synthetic"
 DESCRIPTION = (
@@ -94,7 +95,6 @@ LABELS = {
     "reptile": "Reptile",
     "seq_reptile": "Seq. Reptile",
 }
-STEPS = {"tiny": 250, "quick": 1000, "full": 4000}
 LR = {"adam": 0.1, "sgd": 0.02}
 # A point within this distance of an MTL local minimum counts as having converged to it; the
 # oscillation of a fixed-step optimizer around a cusp stays well inside it.
@@ -105,44 +105,46 @@ MINIMUM_RADIUS = 1.0
 class Config:
     """The experiment's settings (see the module docstring)."""
 
-    optimizer: str = "adam"
-    lr: float = 0.1
-    steps: int = 1000
+    steps: int = option("updates of φ per method", minimum=1)
+    optimizer: str = option(
+        "base optimizer of every method (adam: lr 0.1; sgd: lr 0.02)",
+        default="adam",
+        choices=tuple(sorted(LR)),
+    )
+    lr: float | None = None  # None: LR[optimizer]
     inner_steps: int = 10
-    outer_lr: float = 0.1
+    outer: float = 0.1
     gradvac_beta: float = 0.01
     gradnorm_alpha: float = 1.5
     gradnorm_lr: float = 0.025
     recadam_k: float = 0.05
-    recadam_t0: float = 250.0
+    recadam_t0: float | None = None  # None: steps / 4
     recadam_coef: float = 1.0
     starts: tuple[tuple[float, float], ...] = STARTS
     methods: tuple[str, ...] = METHODS
+    sweep: bool = option(
+        "also run Reptile and Seq. Reptile over a small grid of optimizers, learning rates "
+        "and K; writes synthetic_sweep.csv",
+        default=False,
+        type=bool,
+    )
+
+    def __post_init__(self):
+        if self.lr is None:
+            object.__setattr__(self, "lr", LR[self.optimizer])
+        if self.recadam_t0 is None:
+            object.__setattr__(self, "recadam_t0", self.steps / 4)
 
 
-def _config(budget: str, args: argparse.Namespace | None) -> Config:
-    optimizer = getattr(args, "synthetic_optimizer", None) or "adam"
-    steps = getattr(args, "synthetic_steps", None) or STEPS[budget]
-    return Config(optimizer=optimizer, lr=LR[optimizer], steps=steps, recadam_t0=steps / 4)
+BUDGETS = {
+    "tiny": dict(steps=250),
+    "quick": dict(steps=1000),
+    "full": dict(steps=4000, sweep=True),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("synthetic")
-    group.add_argument(
-        "--synthetic-optimizer",
-        choices=sorted(LR),
-        default=None,
-        help="base optimizer of every method (default adam, lr 0.1; sgd uses lr 0.02)",
-    )
-    group.add_argument(
-        "--synthetic-steps", type=int, default=None, help="updates of φ per method (override)"
-    )
-    group.add_argument(
-        "--synthetic-sweep",
-        action="store_true",
-        help="also run Reptile and Seq. Reptile over a small grid of optimizers, learning "
-        "rates and K (always on with --budget full); writes synthetic_sweep.csv",
-    )
+    config.add_options(parser, Config, BUDGETS, NAME)
 
 
 # -- the problem -------------------------------------------------------------------------------
@@ -238,7 +240,7 @@ def _combiner_run(method: str, cfg: Config, seed: int):
 def _reptile_run(method: str, cfg: Config, seed: int):
     num_tasks = len(OPTIMA)
     if method == "reptile":
-        learner = mg.reptile(task_loss, _base(cfg), cfg.inner_steps, cfg.outer_lr)
+        learner = mg.reptile(task_loss, _base(cfg), cfg.inner_steps, cfg.outer)
 
         def tasks_for(key):
             del key
@@ -249,7 +251,7 @@ def _reptile_run(method: str, cfg: Config, seed: int):
             lambda phi, batch, task: task_loss(phi, task),
             _base(cfg),
             cfg.inner_steps,
-            cfg.outer_lr,
+            cfg.outer,
             pass_task_id=True,
         )
 
@@ -393,7 +395,7 @@ def _plot(out_dir: pathlib.Path, cfg: Config, results: dict, minima: np.ndarray)
         ax.axis("off")
     fig.suptitle(
         f"Sequential Reptile Fig. 3 setup: {cfg.optimizer} lr {cfg.lr}, {cfg.steps} updates of φ, "
-        f"Reptile K={cfg.inner_steps}, η={cfg.outer_lr}   (● start, ★ end, X task optima x_i)",
+        f"Reptile K={cfg.inner_steps}, η={cfg.outer}   (● start, ★ end, X task optima x_i)",
         fontsize=13,
     )
     fig.savefig(out_dir / "synthetic.png", dpi=100)
@@ -455,24 +457,24 @@ def run(
     from tqdm.auto import tqdm
 
     out_dir = pathlib.Path(out_dir)
-    cfg = _config(budget, args)
+    cfg = config.resolve(Config, BUDGETS, budget, args, NAME)
     minima = mtl_minima()
     rows, results = [], {}
     for method in tqdm(cfg.methods, desc="synthetic", disable=not progress, leave=False):
         try:
             traj, cos = run_method(method, cfg, seed)
         except Exception as e:  # noqa: BLE001 - reported in the table, the others go on
-            rows.append(runner.error_row(out_dir, LABELS[method], e))
+            rows.append(writers.error_row(out_dir, LABELS[method], e))
             continue
         results[method] = {"traj": traj, "cos": cos}
         rows.extend(summarize(method, cfg, traj, cos, minima))
     if results:
         _plot(out_dir, cfg, results, minima)
     sweep_rows = []
-    if budget == "full" or getattr(args, "synthetic_sweep", False):
+    if cfg.sweep:
         sweep_rows = sweep(cfg, seed, minima, progress)
-        runner.write_csv(out_dir / "synthetic_sweep.csv", sweep_rows)
-        print(runner.format_table(sweep_rows))
+        writers.write_csv(out_dir / "synthetic_sweep.csv", sweep_rows)
+        print(writers.format_table(sweep_rows))
     summary = {
         "config": dataclasses.asdict(cfg) | {"budget": budget, "seed": seed},
         "mtl_local_minima": minima.tolist(),
@@ -482,6 +484,6 @@ def run(
             m: r["traj"][:, :: max(1, cfg.steps // 200)].tolist() for m, r in results.items()
         },
     }
-    runner.write_json(out_dir / "synthetic.json", summary)
-    runner.write_csv(out_dir / "synthetic.csv", rows)
+    writers.write_json(out_dir / "synthetic.json", summary)
+    writers.write_csv(out_dir / "synthetic.csv", rows)
     return rows

@@ -96,10 +96,8 @@ def test_torch_equals_metagrad(method):
 
     model, tasks = _setup()
     ref = tref.TorchMeta(method, "conv4", model.params, STEPS, brm.INNER_LR, "sgd1")
-    if method == "reptile":
-        ref.step(tref.to_torch_batch(*brm.pooled(tasks)))
-    else:
-        ref.step(tuple(tref.to_torch_batch(*part) for part in tasks))
+    inputs = brm.pooled(tasks) if method == "reptile" else tasks
+    ref.step(tuple(tref.to_torch_batch(*part) for part in inputs))
     want, want_logits = _mg_update(method)
     _assert_close(_meta_grad(model, ref.torch_layout_params()), want)
     if method == "grad_share":

@@ -1,12 +1,15 @@
 """The experiment suite: each experiment in its tiny budget through the command line.
 
 These run the real experiments end to end (training, evaluation, files), in-process
-through `experiments.runner.main`, and check the outputs exist and hold sane values.
+through `experiments.cli.main`, and check the outputs exist and hold sane values; and the
+configuration helper (`experiments.config`) every experiment uses.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -16,14 +19,15 @@ import types
 
 import pytest
 
-from experiments import runner
+from experiments import cli, config, writers
+from experiments.registry import REGISTRY, discover
 
-DEFAULT_SUITE = [n for n, (_, default) in runner.REGISTRY.items() if default]
+DEFAULT_SUITE = [n for n, (_, default) in REGISTRY.items() if default]
 
 
 def _run(tmp_path, *argv):
     out = tmp_path / "out"
-    code = runner.main(["--budget", "tiny", "--no-progress", "--out", str(out), *argv])
+    code = cli.main(["--budget", "tiny", "--no-progress", "--out", str(out), *argv])
     return code, out
 
 
@@ -40,7 +44,7 @@ def _numbers(row):
 
 
 def _available(name):
-    exp = runner.discover()[name]
+    exp = discover()[name]
     if exp.module is None and "not found" in (exp.error or ""):
         pytest.skip(f"{name}: {exp.error}")
     return exp
@@ -48,10 +52,10 @@ def _available(name):
 
 def test_help_lists_every_experiment_and_its_options(capsys):
     with pytest.raises(SystemExit) as e:
-        runner.main(["--help"])
+        cli.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for name in runner.REGISTRY:
+    for name in REGISTRY:
         assert name in text
     for option in ("--budget", "--seed", "--out", "--only", "--no-progress", "--list"):
         assert option in text
@@ -61,9 +65,9 @@ def test_help_lists_every_experiment_and_its_options(capsys):
 
 
 def test_list(capsys):
-    assert runner.main(["--list"]) == 0
+    assert cli.main(["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == list(runner.REGISTRY)
+    assert [line.split()[0] for line in lines] == list(REGISTRY)
     assert "optional" in next(line for line in lines if line.startswith("fewshot"))
 
 
@@ -116,7 +120,7 @@ def test_experiment_tiny(tmp_path, name):
 
 
 def test_same_seed_same_results_other_seed_differs(tmp_path):
-    # One cheap method each: reproducibility comes from the runner's seed and the
+    # One cheap method each: reproducibility comes from the command line's seed and the
     # experiments' key handling, the same for every method.
     argv = ["--only", "digits", "sinusoid", "--digits-methods", "plain", "--digits-seeds", "2"]
     argv += ["--sinusoid-methods", "pretrain", "--sinusoid-test-tasks", "100"]
@@ -143,9 +147,9 @@ def test_failures_are_reported_not_skipped(tmp_path, monkeypatch, capsys):
 
     def run_partial(out_dir, **kwargs):
         try:
-            runner.require("no_such_method")
-        except runner.MethodUnavailable as e:
-            return [{"method": "x", "value": 1.0}, runner.error_row(out_dir, "y", e)]
+            raise ValueError("no_such_method went wrong")
+        except ValueError as e:
+            return [{"method": "x", "value": 1.0}, writers.error_row(out_dir, "y", e)]
 
     partial.run = run_partial
     monkeypatch.setitem(sys.modules, broken.__name__, broken)
@@ -156,7 +160,7 @@ def test_failures_are_reported_not_skipped(tmp_path, monkeypatch, capsys):
         "missing": ("experiments.no_such_module", True),
     }
     out = tmp_path / "out"
-    code = runner.main(["--out", str(out), "--no-progress"], registry=registry)
+    code = cli.main(["--out", str(out), "--no-progress"], registry=registry)
     assert code == 1
     status = json.loads((out / "results.json").read_text())["status"]
     assert status["broken"]["status"] == "failed" and "boom" in status["broken"]["error"]
@@ -170,16 +174,8 @@ def test_failures_are_reported_not_skipped(tmp_path, monkeypatch, capsys):
     assert "FAILED" in text and "UNAVAILABLE" in text and "partial" in text
 
 
-def test_require_rejects_submodules_and_unknown_names():
-    import metagrad
-
-    assert runner.require("maml") is metagrad.maml
-    with pytest.raises(runner.MethodUnavailable, match="no_such"):
-        runner.require("no_such")
-
-
 def test_format_table_merges_error_columns():
-    text = runner.format_table(
+    text = writers.format_table(
         [{"experiment": "e", "method": "a", "acc": 0.5, "acc_stderr": 0.01, "n": 3}]
     )
     header, _, line = text.splitlines()
@@ -198,7 +194,7 @@ def test_default_suite_is_what_the_readme_promises():
 def _usage_error(capsys, argv, registry=None):
     """Runs the CLI expecting an argparse usage error; returns its stderr."""
     with pytest.raises(SystemExit) as e:
-        runner.main(argv, registry=registry)
+        cli.main(argv, registry=registry)
     assert e.value.code == 2
     return capsys.readouterr().err
 
@@ -284,10 +280,10 @@ def test_counts_below_their_documented_minimum_are_usage_errors(capsys, argv, me
 
 def test_help_states_the_minimum_that_is_checked(capsys):
     with pytest.raises(SystemExit):
-        runner.main(["--help"])
+        cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "seeds (>= 2; default: tiny 2, quick 3, full 5)" in text
-    args = runner.build_parser(runner.discover()).parse_args(["--grad-share-seeds", "2"])
+    args = cli.build_parser(discover()).parse_args(["--grad-share-seeds", "2"])
     assert args.grad_share_seeds == 2
 
 
@@ -296,8 +292,74 @@ def test_a_name_repeated_in_only_runs_once(tmp_path, monkeypatch):
     registry = _counting_registry(monkeypatch, calls)
     out = tmp_path / "out"
     argv = ["--out", str(out), "--no-progress", "--only", "b", "a,b", "b,,a"]
-    assert runner.main(argv, registry=registry) == 0
+    assert cli.main(argv, registry=registry) == 0
     assert calls == ["b", "a"]
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["experiments"] == ["b", "a"]
     assert [r["experiment"] for r in results["rows"]] == ["b", "a"]
+
+
+# -- configuration: budget preset, then the options that were given ----------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Toy:
+    steps: int = config.option("steps", minimum=1)
+    names: tuple[str, ...] = config.option("names", default=("a",), choices="abc", many=True)
+    rate: float = config.option("rate", default=0.5, type=float)
+    flag: bool = config.option("a flag", default=False, type=bool)
+    hidden: int = 3  # not an option
+
+
+_TOY_BUDGETS = {"tiny": dict(steps=2), "quick": dict(steps=20, rate=0.1), "full": dict(steps=200)}
+
+
+def _toy_parser():
+    parser = argparse.ArgumentParser()
+    config.add_options(parser, _Toy, _TOY_BUDGETS, "toy")
+    return parser
+
+
+def test_resolve_takes_the_budget_preset_then_the_given_options():
+    assert config.resolve(_Toy, _TOY_BUDGETS, "quick") == _Toy(steps=20, rate=0.1)
+    assert config.resolve(_Toy, _TOY_BUDGETS, "quick", _toy_parser().parse_args([])) == _Toy(
+        steps=20, rate=0.1
+    )
+    args = _toy_parser().parse_args(["--toy-steps", "7", "--toy-names", "b", "c", "--toy-flag"])
+    got = config.resolve(_Toy, _TOY_BUDGETS, "quick", args, "toy")
+    assert got == _Toy(steps=7, names=("b", "c"), rate=0.1, flag=True, hidden=3)
+    # `base` lies under the preset: the preset wins where both set a field.
+    got = config.resolve(_Toy, _TOY_BUDGETS, "tiny", None, "toy", base=dict(steps=9, hidden=4))
+    assert got == _Toy(steps=2, hidden=4)
+    with pytest.raises(ValueError, match=r"budget must be one of \('tiny', 'quick', 'full'\)"):
+        config.resolve(_Toy, _TOY_BUDGETS, "huge", args, "toy")
+
+
+def test_options_help_states_the_defaults_and_rejects_bad_values(capsys):
+    help_text = " ".join(_toy_parser().format_help().split())
+    assert "--toy-steps TOY_STEPS steps (>= 1; default: tiny 2, quick 20, full 200)" in help_text
+    assert "rate (default: quick 0.1, else 0.5)" in help_text
+    assert "--toy-hidden" not in help_text
+    for argv in (["--toy-steps", "0"], ["--toy-names", "z"]):
+        with pytest.raises(SystemExit):
+            _toy_parser().parse_args(argv)
+    assert "--toy-names: invalid choice: 'z'" in capsys.readouterr().err
+
+
+def test_experiment_options_reach_their_config():
+    from experiments import digits, grad_share_sinusoid, sinusoid, synthetic
+
+    argv = ["--sinusoid-methods", "maml", "pretrain", "--sinusoid-dotprod-scheme", "exact"]
+    argv += ["--synthetic-optimizer", "sgd", "--grad-share-task-batch", "3"]
+    args = cli.build_parser(discover()).parse_args(argv)
+    cfg = config.resolve(sinusoid.Config, sinusoid.BUDGETS, "tiny", args, sinusoid.NAME)
+    assert cfg.methods == ("maml", "pretrain") and cfg.dotprod_scheme == "exact"
+    assert (cfg.iterations, cfg.test_tasks, cfg.train_shots) == (20, 100, 10)
+    cfg = config.resolve(synthetic.Config, synthetic.BUDGETS, "full", args, synthetic.NAME)
+    assert (cfg.optimizer, cfg.lr, cfg.steps, cfg.sweep) == ("sgd", 0.02, 4000, True)
+    module = grad_share_sinusoid
+    cfg = config.resolve(module.Config, module.BUDGETS, "quick", args, module.NAME)
+    assert (cfg.task_batch, cfg.seeds, cfg.steps) == (3, 3, 1500)
+    for module in (digits, grad_share_sinusoid, sinusoid, synthetic):
+        for budget in config.BUDGET_NAMES:
+            config.resolve(module.Config, module.BUDGETS, budget)  # every preset is complete

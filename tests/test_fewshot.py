@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import metagrad as mg
-from experiments import fewshot, runner
+from experiments import cli, fewshot
 from experiments.models import conv4_apply, conv4_init
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -137,7 +137,7 @@ def test_fewshot_experiment_tiny_on_mock_data(tmp_path):
     argv = ["--only", "fewshot", "--budget", "tiny", "--no-progress", "--out", str(out)]
     with tfds.testing.mock_data(num_examples=200):
         # Reptile here (first order, quick to compile); MAML has its own test above.
-        code = runner.main([*argv, "--fewshot-methods", "reptile", "--fewshot-ways", "3"])
+        code = cli.main([*argv, "--fewshot-methods", "reptile", "--fewshot-ways", "3"])
     results = json.loads((out / "results.json").read_text())
     assert results["status"]["fewshot"]["status"] == "ok", results["status"]
     assert code == 0

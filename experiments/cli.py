@@ -1,0 +1,247 @@
+"""The suite's command line, `python -m experiments`: options, output directory, run, report.
+
+The experiments come from `experiments.registry`, their settings from `experiments.config`,
+and the table and files are written by `experiments.writers`. A module that is missing,
+fails to import, or raises is reported (status, message, the traceback in
+`<out>/<name>/error.txt`) and the suite goes on with the others; the exit status is
+non-zero when anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import pathlib
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+
+from experiments.config import BUDGET_NAMES
+from experiments.registry import Experiment, discover
+from experiments.writers import format_table, write_csv, write_json
+
+
+def _parse_names(values: Sequence[str] | None) -> list[str] | None:
+    """The names given to ``--only``, split on commas, each once, in first-seen order."""
+    if values is None:
+        return None
+    names: list[str] = []
+    for v in values:
+        names.extend(n for n in v.split(",") if n and n not in names)
+    return names
+
+
+def _check_out(out: pathlib.Path) -> str | None:
+    """Why `out` cannot be the output directory (None if it can): tried before any run.
+
+    Creates the directory (and its parents) and writes a probe file in it, so a path under
+    a file, an existing file, or a directory without write permission is found up front
+    instead of as a traceback after the first experiment.
+    """
+    if out.exists() and not out.is_dir():
+        return f"{str(out)!r} exists and is not a directory"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write to directory {str(out)!r}: {e.strerror or e}"
+    return None
+
+
+class _Group:
+    """An experiment's argument group; its own `add_argument_group` calls add to it.
+
+    argparse deprecates nested groups, and the command line already groups each
+    experiment's options under its name.
+    """
+
+    def __init__(self, group):
+        self._group = group
+
+    def add_argument_group(self, *args, **kwargs):
+        del args, kwargs
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self._group, name)
+
+
+def build_parser(experiments: dict[str, Experiment]) -> argparse.ArgumentParser:
+    """The command line: common options plus each experiment's own, grouped by experiment."""
+    lines = []
+    for exp in experiments.values():
+        tag = "" if exp.default else " [not in the default suite]"
+        lines.append(f"  {exp.name:<11} {exp.description}{tag}")
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments",
+        description="metagrad's experiment suite: trains with the library's methods and "
+        "writes a results table (printed, JSON, CSV) and plots (PNG).",
+        epilog="experiments:\n" + "\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--budget",
+        choices=BUDGET_NAMES,
+        default="quick",
+        help="tiny: seconds (tests); quick: the default suite in about 5 minutes on 2 CPU "
+        "cores; full: the papers' lengths (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: results/<UTC timestamp>, and results/latest points to it)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="run only these experiments (space or comma separated; may name experiments "
+        "outside the default suite)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    for exp in experiments.values():
+        if exp.module is not None and hasattr(exp.module, "add_arguments"):
+            group = parser.add_argument_group(f"{exp.name} options")
+            exp.module.add_arguments(_Group(group))
+    return parser
+
+
+def _default_out() -> pathlib.Path:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return pathlib.Path("results") / stamp
+
+
+def _link_latest(out: pathlib.Path) -> None:
+    latest = out.parent / "latest"
+    try:
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(out.name, target_is_directory=True)
+    except OSError:
+        pass  # e.g. a file system without symlinks: the printed path is enough
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("jax", "optax", "metagrad"):
+        try:
+            out[mod] = importlib.import_module(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = "unavailable"
+    return out
+
+
+def _run_one(exp: Experiment, exp_dir: pathlib.Path, args) -> tuple[dict, list[dict]]:
+    """Runs one experiment; returns its status entry and its rows (tagged with its name)."""
+    if exp.module is None:
+        print(f"   UNAVAILABLE: {exp.error}", flush=True)
+        return {"status": "unavailable", "error": exp.error, "seconds": 0.0}, []
+    start = time.perf_counter()
+    try:
+        rows = exp.module.run(
+            exp_dir, budget=args.budget, seed=args.seed, progress=not args.no_progress, args=args
+        )
+    except Exception as e:  # noqa: BLE001 - reported, then the suite goes on
+        seconds = time.perf_counter() - start
+        (exp_dir / "error.txt").write_text(traceback.format_exc())
+        message = f"{type(e).__name__}: {e}"
+        print(f"   FAILED after {seconds:.1f} s: {message}", flush=True)
+        print(f"   traceback: {exp_dir / 'error.txt'}", flush=True)
+        return {"status": "failed", "error": message, "seconds": seconds}, []
+    seconds = time.perf_counter() - start
+    rows = [{"experiment": exp.name, **row} for row in rows]
+    failed = [r for r in rows if r.get("error")]
+    status = {"status": "partial" if failed else "ok", "seconds": seconds, "rows": len(rows)}
+    if failed:
+        status["error"] = "; ".join(f"{r.get('method')}: {r['error']}" for r in failed)
+    print(f"   done in {seconds:.1f} s", flush=True)
+    return status, rows
+
+
+def _report(names, status, all_rows, args, total) -> None:
+    print("\n" + "=" * 78)
+    print(f"Results (budget={args.budget}, seed={args.seed})")
+    for name in names:
+        rows = [r for r in all_rows if r["experiment"] == name and not r.get("error")]
+        if rows:
+            print(f"\n[{name}]")
+            print(format_table([{k: v for k, v in r.items() if k != "error"} for r in rows]))
+    print("\nStatus")
+    for name in names:
+        s = status[name]
+        line = f"  {name:<11} {s['status']:<11} {s['seconds']:7.1f} s"
+        if s.get("error"):
+            line += f"  {s['error']}"
+        print(line)
+    print(f"  total       {total:.1f} s")
+
+
+def main(argv: Sequence[str] | None = None, registry=None) -> int:
+    """Runs the suite; returns the process exit status (0 when everything ran)."""
+    experiments = discover(registry)
+    parser = build_parser(experiments)
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for exp in experiments.values():
+            tag = "default" if exp.default else "optional"
+            print(f"{exp.name:<11} {tag:<9} {exp.description}")
+        return 0
+
+    names = _parse_names(args.only)
+    if names is None:
+        names = [n for n, e in experiments.items() if e.default]
+    unknown = [n for n in names if n not in experiments]
+    if unknown:
+        parser.error(f"--only: unknown experiment(s) {unknown}; choose from {list(experiments)}")
+
+    out = pathlib.Path(args.out) if args.out else _default_out()
+    problem = _check_out(out)
+    if problem:
+        parser.error(f"--out: {problem}")
+    if not args.out:
+        _link_latest(out)
+    print(f"metagrad experiments: {', '.join(names)} | budget={args.budget} seed={args.seed}")
+    print(f"writing results to {out.resolve()}", flush=True)
+
+    all_rows: list[dict] = []
+    status: dict[str, dict] = {}
+    start_all = time.perf_counter()
+    for name in names:
+        exp = experiments[name]
+        exp_dir = out / name
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        print(f"\n== {name}: {exp.description}", flush=True)
+        status[name], rows = _run_one(exp, exp_dir, args)
+        all_rows.extend(rows)
+    total = time.perf_counter() - start_all
+    _report(names, status, all_rows, args, total)
+
+    write_json(
+        out / "results.json",
+        {
+            "config": {
+                "budget": args.budget,
+                "seed": args.seed,
+                "experiments": names,
+                "argv": list(argv) if argv is not None else sys.argv[1:],
+                "versions": _versions(),
+            },
+            "status": status,
+            "total_seconds": total,
+            "rows": all_rows,
+        },
+    )
+    write_csv(out / "results.csv", all_rows)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.csv'} and per-experiment files")
+    ok = all(s["status"] == "ok" for s in status.values())
+    return 0 if ok else 1
