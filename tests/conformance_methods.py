@@ -53,7 +53,8 @@ class Method:
         GradientTransformation`` (``axis``: the device axis name or None); meta:
         ``make(outer, axis, inject) -> MetaLearner``; invalid: builds and raises.
       data: the input format: ``"one"`` (a batch), ``"two"`` (two batches, dotprod),
-        ``"tasks"`` (per-task batches, aggregators), ``"maml"``, ``"reptile"``, ``"seq"``.
+        ``"tasks"`` (per-task batches, aggregators), ``"maml"`` (``(support, query)``: every
+        meta-learner but seq_reptile), ``"seq"``.
       hyper: hyper-parameters passed to the factory (and injected by inject_hyperparams).
       tail: whether an ``optax.sgd`` follows the transformation (it is not an optimizer).
       guard: where the documented ``optax.apply_if_finite`` goes: ``"after"`` the method
@@ -126,7 +127,7 @@ def _gradvac(axis):
 
     def gradvac(beta=0.5):
         # A large EMA rate, so that the targets move within a few steps.
-        return mg.gradvac(AGG_TASKS, beta)
+        return mg.gradvac(AGG_TASKS, beta=beta)
 
     return gradvac
 
@@ -135,7 +136,7 @@ def _gradnorm(axis):
     del axis
 
     def gradnorm(alpha=1.5, learning_rate=0.1):
-        return mg.gradnorm(AGG_TASKS, alpha, learning_rate)
+        return mg.gradnorm(AGG_TASKS, alpha=alpha, learning_rate=learning_rate)
 
     return gradnorm
 
@@ -174,13 +175,13 @@ def _meta(learner: str, inner: str) -> Method:
             "invalid",
             _learner(learner, inner),
             learner,
-            error="inner must be an optax.GradientTransformation, got InnerRule",
+            error="inner must be an optax GradientTransformation",
         )
     return Method(
         name,
         "meta",
         _learner(learner, inner),
-        "seq" if learner == "seq_reptile" else ("reptile" if learner == "reptile" else "maml"),
+        "seq" if learner == "seq_reptile" else "maml",
     )
 
 
@@ -229,8 +230,6 @@ def make_batch(method: Method, index: int, dtype=jnp.float32, *, bad: bool = Fal
         batch = _xy(k1, (AGG_TASKS, EXAMPLES), dtype)
     elif d == "maml":
         batch = (_xy(k1, (NUM_TASKS, 4), dtype), _xy(k2, (NUM_TASKS, 4), dtype))
-    elif d == "reptile":
-        batch = _xy(k1, (NUM_TASKS, 4), dtype)
     else:  # seq: K batches of one task each, in task order 0, 1
         batch = (jnp.arange(INNER_STEPS, dtype=jnp.int32), _xy(k1, (INNER_STEPS, EXAMPLES), dtype))
     if bad:
@@ -246,7 +245,6 @@ SPLIT_AXES = {
     "two": ((0, 0), (0, 0)),
     "tasks": (1, 1),
     "maml": ((0, 0), (0, 0)),
-    "reptile": (0, 0),
     "seq": (None, (1, 1)),
 }
 
