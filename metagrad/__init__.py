@@ -34,6 +34,16 @@ from metagrad._src.mtl.surgery import PCGradState as PCGradState
 from metagrad._src.mtl.surgery import gradvac as gradvac
 from metagrad._src.mtl.surgery import mtl_sum as mtl_sum
 from metagrad._src.mtl.surgery import pcgrad as pcgrad
+from metagrad._src.mtl.db_mtl import DBMTLState as DBMTLState
+from metagrad._src.mtl.db_mtl import db_mtl as db_mtl
+from metagrad._src.mtl.dwa import DWAState as DWAState
+from metagrad._src.mtl.dwa import dwa as dwa
+from metagrad._src.mtl.famo import FAMOState as FAMOState
+from metagrad._src.mtl.famo import famo as famo
+from metagrad._src.mtl.rlw import RLWState as RLWState
+from metagrad._src.mtl.rlw import rlw as rlw
+from metagrad._src.mtl.uncertainty import UncertaintyWeightingState as UncertaintyWeightingState
+from metagrad._src.mtl.uncertainty import uncertainty_weighting as uncertainty_weighting
 from metagrad._src.reptile import ReptileOuterState as ReptileOuterState
 from metagrad._src.reptile import ReptileState as ReptileState
 from metagrad._src.reptile import reptile as reptile
@@ -48,7 +58,10 @@ from metagrad._src.tasks import uniform_tasks as uniform_tasks
 __version__ = "0.1.0"
 
 __all__ = [
+    "DBMTLState",
+    "DWAState",
     "DotProdState",
+    "FAMOState",
     "GradNormState",
     "GradShareCarry",
     "GradShareParams",
@@ -57,11 +70,16 @@ __all__ = [
     "MAMLState",
     "MetaLearner",
     "PCGradState",
+    "RLWState",
     "RecAdamState",
     "ReptileOuterState",
     "ReptileState",
+    "UncertaintyWeightingState",
     "adapt",
+    "db_mtl",
     "dotprod",
+    "dwa",
+    "famo",
     "fd_hvp",
     "fd_step",
     "fomaml",
@@ -83,9 +101,11 @@ __all__ = [
     "recadam",
     "reptile",
     "reptile_outer",
+    "rlw",
     "sample_tasks",
     "seq_reptile",
     "task_gradients",
     "task_probs",
+    "uncertainty_weighting",
     "uniform_tasks",
 ]
