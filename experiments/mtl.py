@@ -92,8 +92,13 @@ def _digits_plot(path: pathlib.Path, rows: list[dict]) -> None:
     rows = [r for r in rows if "delta_m" in r and not r["method"].startswith("STL")]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(rows) + 1.5), 3.6))
     x = np.arange(len(rows))
-    ax.bar(x, [r["delta_m"] for r in rows], yerr=[r["delta_m_stderr"] for r in rows],
-           color=["tab:green" if r["delta_m"] < 0 else "tab:gray" for r in rows], capsize=3)
+    ax.bar(
+        x,
+        [r["delta_m"] for r in rows],
+        yerr=[r["delta_m_stderr"] for r in rows],
+        color=["tab:green" if r["delta_m"] < 0 else "tab:gray" for r in rows],
+        capsize=3,
+    )
     ax.axhline(0.0, color="k", linewidth=0.8)
     ax.set_xticks(x, [r["method"] for r in rows], rotation=45, ha="right")
     ax.set_ylabel("Δm% vs single-task (lower is better)")

@@ -122,7 +122,10 @@ def train(spec: mtl_methods.Spec | int, cfg: DigitsConfig, seed: int, data) -> n
         return task_losses(tree, x, y)
 
     def init(tree):
-        params = {"shared": ravel_pytree(tree["shared"])[0], "heads": ravel_pytree(tree["heads"])[0]}
+        params = {
+            "shared": ravel_pytree(tree["shared"])[0],
+            "heads": ravel_pytree(tree["heads"])[0],
+        }
         return params, shared_opt.init(params["shared"]), head_opt.init(params["heads"])
 
     def step(carry, idx, x_train, y_train):

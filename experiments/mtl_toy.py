@@ -121,10 +121,10 @@ def plot(path, results: dict[str, np.ndarray]) -> None:
     cols = min(5, len(results))
     rows = -(-len(results) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.ravel()[len(results):]:
+    for ax in axes.ravel()[len(results) :]:
         ax.axis("off")
     colors = ("tab:red", "tab:blue", "tab:green")
-    for ax, (label, paths) in zip(axes.ravel(), results.items()):
+    for ax, (label, paths) in zip(axes.ravel(), results.items(), strict=False):
         ax.contour(xx, yy, mean_loss, levels=20, cmap="viridis", linewidths=0.7)
         ax.plot([-7, 7], [FRONT_X2, FRONT_X2], color="gray", linewidth=4, alpha=0.6, zorder=1)
         for p, c in zip(paths, colors, strict=True):

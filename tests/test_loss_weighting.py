@@ -48,8 +48,8 @@ def _run(tx, grads, losses):
     """The outputs (flat) and the states of the method over the steps (eager calls)."""
     state = tx.init(jax.tree.map(lambda p: p.astype(jnp.float64), PARAMS))
     outs, states = [], []
-    for g, l in zip(grads, losses, strict=True):
-        out, state = tx.update(_tree(g), state, losses=jnp.asarray(l))
+    for g, loss in zip(grads, losses, strict=True):
+        out, state = tx.update(_tree(g), state, losses=jnp.asarray(loss))
         outs.append(_flat(out))
         states.append(state)
     return outs, states
@@ -68,7 +68,7 @@ def ref_uncertainty(grads, losses, lr, s0):
     # step on (theta, s) jointly from the same point.
     s = np.full(T, s0)
     outs, logs = [], []
-    for g, l in zip(grads, losses):
+    for g, l in zip(grads, losses, strict=True):  # noqa: E741 (l: the losses, as in the papers)
         outs.append(sum(0.5 * np.exp(-s[i]) * g[i] for i in range(T)))
         s = s - lr * (0.5 - 0.5 * np.exp(-s) * l)
         logs.append(s.copy())
@@ -78,7 +78,7 @@ def ref_uncertainty(grads, losses, lr, s0):
 def ref_dwa(grads, losses, temperature, period):
     # Liu et al. eq. 1 on period means: w(t) = T softmax(L(t-1) / L(t-2) / temp), 1 for t < 2.
     means, current, outs = [], [], []
-    for g, l in zip(grads, losses):
+    for g, l in zip(grads, losses, strict=True):  # noqa: E741 (l: the losses, as in the papers)
         if len(means) >= 2:
             w = T * _softmax(means[-1] / means[-2] / temperature)
         else:
@@ -97,7 +97,7 @@ def ref_famo(grads, losses, beta, gamma):
     xi = np.zeros(T)
     prev = None
     outs, logits = [], []
-    for g, l in zip(grads, losses):
+    for g, l in zip(grads, losses, strict=True):  # noqa: E741 (l: the losses, as in the papers)
         if prev is not None:
             delta = np.log(prev) - np.log(l)
             z = _softmax(xi)
@@ -116,7 +116,7 @@ def ref_db_mtl(grads, losses, beta, sigma):
     # task's buffer to the largest norm, then sum.
     buf = np.zeros((T, grads[0].shape[1]))
     outs = []
-    for t, (g, l) in enumerate(zip(grads, losses), start=1):
+    for t, (g, l) in enumerate(zip(grads, losses, strict=True), start=1):  # noqa: E741
         log_grads = g / l[:, None]
         beta_t = beta / t**sigma
         buf = log_grads + beta_t * (buf - log_grads)

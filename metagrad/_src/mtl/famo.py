@@ -36,7 +36,8 @@ def famo(
     the update direction of the paper's Algorithm 1 is
 
     .. math::
-      d = c \\sum_i \\frac{z_i}{\\ell_i} g_i, \\qquad c = \\Big(\\sum_i \\frac{z_i}{\\ell_i}\\Big)^{-1},
+      d = c \\sum_i \\frac{z_i}{\\ell_i} g_i,
+      \\qquad c = \\Big(\\sum_i \\frac{z_i}{\\ell_i}\\Big)^{-1},
 
     (a convex combination of the task gradients; z_i / ℓ_i g_i = z_i ∇ log ℓ_i). The logits then
     learn from how much each log-loss actually decreased: with δ_i = log ℓ_i(before) −
