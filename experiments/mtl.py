@@ -4,9 +4,10 @@ Every multi-task aggregator metagrad exports (the registry in `experiments.mtl_m
 names this version lacks are skipped and listed) runs on
 
 (a) the two-objective toy of the CAGrad and Nash-MTL papers (`experiments.mtl_toy`): Adam on
-    each method's combined gradient from the papers' three starting points; trajectories over
-    the mean-loss contours (``toy.png``) and whether each run ends on the Pareto front
-    (``toy.csv``: Pareto-stationarity gap and distance to the Pareto segment per start);
+    each method's combined gradient from the papers' starting points, in the CAGrad paper's
+    setting and the Nash-MTL paper's (first loss x 0.1); trajectories over the mean-loss
+    contours (``toy_cagrad.png``, ``toy_nashmtl.png``) and whether each run ends on the Pareto
+    front (``toy.csv``: Pareto-stationarity gap and distance to the Pareto segment per start);
 (b) MultiDigits (`experiments.mtl_digits`): two overlapped 8x8 digits per image, a shared MLP
     encoder and two heads; test accuracy per task and Δm% against single-task training,
     mean ± standard error over seeds (``digits.csv``, ``digits.png``).
@@ -122,16 +123,22 @@ def run(out_dir, *, budget="quick", seed=0, progress=True, args=None) -> list[di
         print(f"   skipping (not in this metagrad): {', '.join(skipped)}", flush=True)
 
     # (a) the toy.
-    toy_rows, paths = [], {}
+    toy_rows, paths = [], {setting: {} for setting in mtl_toy.SETTINGS}
     for spec in specs:
         start = time.perf_counter()
-        paths[spec.label] = mtl_toy.trajectories(spec, cfg.toy)
-        row = mtl_toy.summarize(spec.label, paths[spec.label])
-        toy_rows.append({"part": "toy", **row, "seconds": time.perf_counter() - start})
-        if progress:
-            print(f"   toy    {spec.label:<16} reached {row['reached']}", flush=True)
-    mtl_toy.plot(out_dir / "toy.png", paths)
-    np.savez_compressed(out_dir / "toy_trajectories.npz", **paths)
+        runs = mtl_toy.trajectories(spec, cfg.toy)
+        seconds = time.perf_counter() - start
+        for setting, run_paths in runs.items():
+            paths[setting][spec.label] = run_paths
+            row = mtl_toy.summarize(spec.label, setting, run_paths)
+            toy_rows.append({"part": "toy", **row, "seconds": seconds})
+            if progress:
+                print(f"   toy    {setting:<8} {spec.label:<16} reached {row['reached']}",
+                      flush=True)  # fmt: skip
+    for setting, per_method in paths.items():
+        tag = setting.lower().replace("-", "")
+        mtl_toy.plot(out_dir / f"toy_{tag}.png", per_method, setting)
+        np.savez_compressed(out_dir / f"toy_{tag}_trajectories.npz", **per_method)
 
     # (b) MultiDigits.
     data = mtl_digits.make_data(seed, cfg.digits.train_pairs, cfg.digits.test_pairs)

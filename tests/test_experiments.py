@@ -106,6 +106,7 @@ def test_experiment_tiny(tmp_path, name):
         methods = {(r["part"], r["method"]) for r in rows}
         assert {("toy", "Sum (plain MTL)"), ("toy", "FAMO"), ("digits", "PCGrad"),
                 ("digits", "STL (one network per task)")} <= methods  # fmt: skip
+        assert {r["setting"] for r in rows if r["part"] == "toy"} == {"CAGrad", "Nash-MTL"}
         for row in rows:
             if row["part"] == "digits":
                 assert 0.0 <= row["acc_left"] <= 1.0 and 0.0 <= row["acc_right"] <= 1.0
