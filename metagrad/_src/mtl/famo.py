@@ -48,7 +48,8 @@ def famo(
     see. Here each call first steps the logits with δ = log ℓ(previous call) − log ℓ(this call),
     then returns d for this call's losses with the updated weights. This is the paper's update
     with the "after" losses taken on the next batch instead of re-evaluated on the previous
-    one (no extra forward pass); the first call does not step the logits.
+    one (no extra forward pass), and the order the authors' own toy trainer uses (update the
+    logits with the current losses, then weight them); the first call does not step the logits.
 
     Args:
       num_tasks: T, the size of the leading task axis.
