@@ -25,6 +25,7 @@ REGISTRY: dict[str, tuple[str, bool]] = {
     "sinusoid": ("experiments.sinusoid", True),
     "digits": ("experiments.digits", True),
     "grad_share": ("experiments.grad_share_sinusoid", True),
+    "mtl": ("experiments.mtl", True),
     # Needs Omniglot / CUB / Mini-ImageNet prepared for tensorflow_datasets.
     "fewshot": ("experiments.fewshot", False),
 }

@@ -25,15 +25,25 @@ from metagrad._src.maml import MAMLState as MAMLState
 from metagrad._src.maml import fomaml as fomaml
 from metagrad._src.maml import maml as maml
 from metagrad._src.maml import maml_pp_weights as maml_pp_weights
+from metagrad._src.mtl.db_mtl import DBMTLState as DBMTLState
+from metagrad._src.mtl.db_mtl import db_mtl as db_mtl
+from metagrad._src.mtl.dwa import DWAState as DWAState
+from metagrad._src.mtl.dwa import dwa as dwa
+from metagrad._src.mtl.famo import FAMOState as FAMOState
+from metagrad._src.mtl.famo import famo as famo
 from metagrad._src.mtl.gradnorm import GradNormState as GradNormState
 from metagrad._src.mtl.gradnorm import gradnorm as gradnorm
 from metagrad._src.mtl.recadam import RecAdamState as RecAdamState
 from metagrad._src.mtl.recadam import recadam as recadam
+from metagrad._src.mtl.rlw import RLWState as RLWState
+from metagrad._src.mtl.rlw import rlw as rlw
 from metagrad._src.mtl.surgery import GradVacState as GradVacState
 from metagrad._src.mtl.surgery import PCGradState as PCGradState
 from metagrad._src.mtl.surgery import gradvac as gradvac
 from metagrad._src.mtl.surgery import mtl_sum as mtl_sum
 from metagrad._src.mtl.surgery import pcgrad as pcgrad
+from metagrad._src.mtl.uncertainty import UncertaintyWeightingState as UncertaintyWeightingState
+from metagrad._src.mtl.uncertainty import uncertainty_weighting as uncertainty_weighting
 from metagrad._src.reptile import ReptileState as ReptileState
 from metagrad._src.reptile import reptile as reptile
 from metagrad._src.reptile_outer import ReptileOuterState as ReptileOuterState
@@ -48,7 +58,10 @@ from metagrad._src.tasks import uniform_tasks as uniform_tasks
 __version__ = "0.1.0"
 
 __all__ = [
+    "DBMTLState",
+    "DWAState",
     "DotProdState",
+    "FAMOState",
     "GradNormState",
     "GradShareCarry",
     "GradShareParams",
@@ -57,11 +70,16 @@ __all__ = [
     "MAMLState",
     "MetaLearner",
     "PCGradState",
+    "RLWState",
     "RecAdamState",
     "ReptileOuterState",
     "ReptileState",
+    "UncertaintyWeightingState",
     "adapt",
+    "db_mtl",
     "dotprod",
+    "dwa",
+    "famo",
     "fd_hvp",
     "fd_step",
     "fomaml",
@@ -83,9 +101,11 @@ __all__ = [
     "recadam",
     "reptile",
     "reptile_outer",
+    "rlw",
     "sample_tasks",
     "seq_reptile",
     "task_gradients",
     "task_probs",
+    "uncertainty_weighting",
     "uniform_tasks",
 ]

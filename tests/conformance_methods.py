@@ -141,6 +141,48 @@ def _gradnorm(axis):
     return gradnorm
 
 
+def _uncertainty_weighting(axis):
+    del axis
+
+    def uncertainty_weighting(learning_rate=0.1):
+        return mg.uncertainty_weighting(AGG_TASKS, learning_rate=learning_rate)
+
+    return uncertainty_weighting
+
+
+def _dwa(axis):
+    del axis
+
+    def dwa(temperature=2.0):
+        return mg.dwa(AGG_TASKS, temperature=temperature)
+
+    return dwa
+
+
+def _rlw(axis):
+    del axis
+    return lambda: mg.rlw(seed=0)
+
+
+def _famo(axis):
+    del axis
+
+    def famo(learning_rate=0.5, weight_decay=1e-3):
+        # A large step, so that the weights move within a few steps.
+        return mg.famo(AGG_TASKS, learning_rate=learning_rate, weight_decay=weight_decay)
+
+    return famo
+
+
+def _db_mtl(axis):
+    del axis
+
+    def db_mtl(beta=0.9, beta_sigma=0.5):
+        return mg.db_mtl(AGG_TASKS, beta=beta, beta_sigma=beta_sigma)
+
+    return db_mtl
+
+
 # -- meta-learners ---------------------------------------------------------------------------
 
 INNERS = {
@@ -202,6 +244,15 @@ METHODS: list[Method] = [
            bad=("beta", 2.0)),
     Method("gradnorm", "aggregator", _gradnorm, "tasks", {"alpha": 1.5, "learning_rate": 0.1},
            losses=True, guard="after", bad=("alpha", -1.0)),
+    Method("uncertainty_weighting", "aggregator", _uncertainty_weighting, "tasks",
+           {"learning_rate": 0.1}, losses=True, guard="after", bad=("learning_rate", -0.1)),
+    Method("dwa", "aggregator", _dwa, "tasks", {"temperature": 2.0}, losses=True, guard="after",
+           bad=("temperature", 0.0)),
+    Method("rlw", "aggregator", _rlw, "tasks", losses=True, guard="after"),
+    Method("famo", "aggregator", _famo, "tasks", {"learning_rate": 0.5, "weight_decay": 1e-3},
+           losses=True, guard="after", bad=("weight_decay", -1.0)),
+    Method("db_mtl", "aggregator", _db_mtl, "tasks", {"beta": 0.9, "beta_sigma": 0.5},
+           losses=True, guard="after", bad=("beta", 1.0)),
     *[_meta(learner, inner) for learner in ("maml", "fomaml", "reptile", "seq_reptile")
       for inner in INNERS],
 ]  # fmt: skip

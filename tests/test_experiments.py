@@ -76,7 +76,7 @@ def test_unknown_experiment_is_an_error(tmp_path):
         _run(tmp_path, "--only", "no_such_experiment")
 
 
-@pytest.mark.parametrize("name", ["sinusoid", "digits", "synthetic", "grad_share"])
+@pytest.mark.parametrize("name", ["sinusoid", "digits", "synthetic", "grad_share", "mtl"])
 def test_experiment_tiny(tmp_path, name):
     exp = _available(name)
     assert exp.module is not None, exp.error
@@ -106,6 +106,14 @@ def test_experiment_tiny(tmp_path, name):
             assert all(v > 0 for v in mses.values())
             assert all(row[k + "_ci95"] > 0 for k in mses)
             assert row["test_tasks"] >= 100
+    if name == "mtl":
+        methods = {(r["part"], r["method"]) for r in rows}
+        assert {("toy", "Sum (plain MTL)"), ("toy", "FAMO"), ("digits", "PCGrad"),
+                ("digits", "STL (one network per task)")} <= methods  # fmt: skip
+        assert {r["setting"] for r in rows if r["part"] == "toy"} == {"CAGrad", "Nash-MTL"}
+        for row in rows:
+            if row["part"] == "digits":
+                assert 0.0 <= row["acc_left"] <= 1.0 and 0.0 <= row["acc_right"] <= 1.0
     if name == "digits":
         assert {r["method"] for r in rows} == {
             "plain Adam",
