@@ -173,9 +173,7 @@ def test_every_n_counts_batches_as_the_paper(x64, scheme, n, injected):
             G = algorithm1(g1, lambda q, b=batches[used[1]]: grad(q, b), theta, alpha, weight)
         else:
             G = flat(g1)
-        theta = jax.tree.map(
-            lambda x, u: x - lr * u, theta, ravel_pytree(theta)[1](jnp.asarray(G))
-        )
+        theta = jax.tree.map(lambda x, u: x - lr * u, theta, ravel_pytree(theta)[1](jnp.asarray(G)))
         want.append((used, flat(theta)))
 
     assert [u for u, _ in got] == [u for u, _ in want]  # the same batches, step by step

@@ -379,9 +379,7 @@ def dotprod(
         if isinstance(every, int) and every == 2:
             new_updates = regularized()
         else:
-            new_updates = jax.lax.cond(
-                _regularized_call(state.count, every), regularized, standard
-            )
+            new_updates = jax.lax.cond(_regularized_call(state.count, every), regularized, standard)
         return new_updates, DotProdState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
