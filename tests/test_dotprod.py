@@ -428,6 +428,8 @@ def test_bad_arguments():
         mg.dotprod(every=0)
     with pytest.raises(ValueError, match="every"):
         mg.dotprod(every=1)
+    with pytest.raises(ValueError, match="every"):
+        mg.DotProdState(count=jnp.int32(0)).regularizes(1)
     with pytest.raises(TypeError, match="every"):
         mg.dotprod(every=2.5)
     with pytest.raises(ValueError, match="scheme"):

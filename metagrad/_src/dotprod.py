@@ -134,7 +134,9 @@ def dotprod(
     :math:`G` is the *sum* :math:`\bar G_1 + \bar G_2`, as in Algorithm 1, not
     their mean: with a learning rate tuned for single-batch SGD, halve it (or
     chain ``optax.scale(0.5)``) to take the same step. Scale-invariant optimizers
-    such as Adam are unaffected.
+    such as Adam are unaffected. With ``every > 2``, whose standard calls return
+    one batch's :math:`\bar G_1`, the sum makes a regularized call (two batches)
+    move like two standard ones at the same learning rate.
 
     Cost of a regularized call: two evaluations of `grad_fn` (``"forward"``),
     three (``"central"``), or one gradient plus one forward-over-reverse HVP
@@ -169,8 +171,8 @@ def dotprod(
         batch of the right shape, e.g. :math:`b_1`, will do). An integer
         :math:`\ge 2`; ``2`` (default) regularizes every call (Algorithm 1).
         It may be an array (``optax.inject_hyperparams``), then ``lax.cond``
-        is used even for 2. Before this meaning, ``every=m`` counted two-batch
-        calls: calls ``count % m == 0`` were regularized and the others
+        is used even for 2. Earlier versions counted two-batch calls instead:
+        with ``every=m``, calls ``count % m == 0`` were regularized and the others
         returned :math:`\bar G_1 + \bar G_2` of two batches, i.e. one
         regularized pair per ``2m`` batches, overhead :math:`1/(2m)`; the old
         ``every=1`` is the new ``every=2`` (same updates), and the old
@@ -211,7 +213,8 @@ def dotprod(
         :math:`\bar G_1 + \bar G_2 - \text{weight}\cdot\bar H_2[S,S]\,\bar G_1[S]`,
         the update of Algorithm 1 for the loss as a function of the
         :math:`S` leaves with the others held fixed, and the other leaves get
-        :math:`\bar G_1 + \bar G_2`. ``grad_fn`` still receives and returns
+        :math:`\bar G_1 + \bar G_2` (on a standard call, every leaf gets
+        :math:`\bar G_1`). ``grad_fn`` still receives and returns
         the whole parameter tree. ``None`` (default): all leaves. Use this,
         not ``optax.masked`` / ``optax.multi_transform`` around dotprod: those
         hide the unselected parameters from ``grad_fn`` (and would give those
