@@ -1,29 +1,33 @@
-"""Benchmark section "dotprod": cost of Meta DotProd against a plain optax step.
+"""Benchmark section "dotprod": Meta DotProd's overhead per batch against plain Adam.
 
 Model: an MLP 784-1024-1024-10 (ReLU, about 1.9M parameters) with softmax cross-entropy
 on random data, so that gradient evaluations dominate the step time. Every variant is a
-jitted training step (params and optimizer state donated) that consumes the same two
-batches b1, b2:
+jitted training step (params and optimizer state donated):
 
-- ``plain``: ``optax.adam`` on ∇L(b1) + ∇L(b2) (two gradient evaluations);
-- ``dotprod every=n``: ``optax.chain(mg.dotprod(every=n), optax.adam(...))`` with g1 = ∇L(b1)
-  and ``grad_fn`` = ∇L(·; b2): three gradient evaluations on regularized steps, two on the
-  others, so the limit of the time ratio to ``plain`` is 1 + 1/(2n);
-- ``dotprod exact``: the HVP by forward-over-reverse instead of the finite difference;
-- ``dotprod central``: the central difference (four gradient evaluations, limit 2).
+- ``plain``: ``optax.adam`` on ∇L(b) of one batch per step (one gradient per batch);
+- ``dotprod every=n`` for the paper's n = 2, 3, 5, 10 (Section 6.3):
+  ``optax.chain(mg.dotprod(every=n), optax.adam(...))`` with g1 = ∇L(b1) and ``grad_fn`` =
+  ∇L(·; b2). A period of n batches is one regularized call on two batches (three gradients)
+  and n - 2 standard calls on one batch (one gradient, ``grad_fn`` not evaluated): n + 1
+  gradients per n batches, so the overhead per batch over ``plain`` tends to 1/n (50%, 33%,
+  20%, 10%);
+- ``dotprod exact`` / ``dotprod central`` (every=2): the HVP by forward-over-reverse, and the
+  central difference (four gradients per two batches, overhead limit 100%).
 
-Timing: each variant runs blocks of ``--dotprod-steps`` steps (a multiple of 10, so every
-block holds the same share of regularized steps: with the warm-up of 10 steps, a block of 10
-holds exactly one regularized every=10 step), timed with ``block_until_ready``, after a
-warm-up. Each round times every dotprod variant once, in a rotating order, and times
+Timing: a block is ``--dotprod-batches`` batches (a multiple of 30, so that it holds whole
+periods of every n: 15 calls for n = 2, 20 for 3, 24 for 5, 27 for 10, 30 plain steps); the
+schedule of a block is known in advance (each block starts a period, which the benchmark
+checks), so no call waits for the host. Each block is timed with ``block_until_ready`` after
+a warm-up. Each round times every dotprod variant once, in a rotating order, and times
 ``plain`` before the first variant and after each one (P V1 P V2 P ...); a variant's ratio in
-that round is its time over the mean of the two ``plain`` blocks around it, so that the load
-of other processes, which drifts on the scale of seconds, affects numerator and denominator
-alike. The median over rounds is reported, with the spread (min-max) of the per-round
-ratios. The same ratios are also reported in process CPU time (all threads), which other
-processes on a busy machine disturb much less than wall-clock time. Memory: the temporary
-buffers and the estimated peak (arguments + outputs + temporaries - donated aliases) of
-each compiled step, from XLA's ``memory_analysis()``.
+that round is its time per batch over the mean of the two ``plain`` blocks around it, so that
+the load of other processes, which drifts on the scale of seconds, affects numerator and
+denominator alike. The overhead is that ratio minus 1: the median over rounds is reported,
+with the spread (min-max) of the per-round values, beside 1/n. The same overhead is also
+reported in process CPU time (all threads), which other processes on a busy machine disturb
+much less than wall-clock time. Memory: the temporary buffers and the estimated peak
+(arguments + outputs + temporaries - donated aliases) of each compiled step, from XLA's
+``memory_analysis()`` (for dotprod, of the step that may regularize).
 
 Run: ``python -m experiments.benchmark --only dotprod``.
 """
@@ -42,13 +46,18 @@ from experiments.models import mlp_apply, mlp_init
 
 SIZES = (784, 1024, 1024, 10)
 LR, WEIGHT = 1e-3, 0.1
+PAPER_N = (2, 3, 5, 10)
+BLOCK_UNIT = 30  # batches: whole periods of every n in PAPER_N
 
 
 def add_arguments(parser):
     group = parser.add_argument_group("dotprod")
     group.add_argument("--dotprod-batch", type=int, default=256, help="examples per batch")
     group.add_argument(
-        "--dotprod-steps", type=int, default=10, help="steps per timed block (multiple of 10)"
+        "--dotprod-batches",
+        type=int,
+        default=BLOCK_UNIT,
+        help=f"batches per timed block (multiple of {BLOCK_UNIT})",
     )
     group.add_argument("--dotprod-rounds", type=int, default=11, help="interleaved rounds")
 
@@ -60,38 +69,51 @@ def _loss(params, batch):
 
 
 def _variants():
-    """name -> (optimizer, uses dotprod, limit of the time ratio or None)."""
+    """name -> (optimizer, every (None: plain), limit of the overhead per batch or None)."""
     adam = optax.adam(LR)
-    return {
-        "plain": (adam, False, 1.0),
-        "dotprod every=1": (optax.chain(mg.dotprod(weight=WEIGHT), adam), True, 1.5),
-        "dotprod every=10": (
-            optax.chain(mg.dotprod(weight=WEIGHT, every=10), adam),
-            True,
-            1 + 1 / 20,
-        ),
-        "dotprod exact": (optax.chain(mg.dotprod(weight=WEIGHT, scheme="exact"), adam), True, None),
-        "dotprod central": (
-            optax.chain(mg.dotprod(weight=WEIGHT, scheme="central"), adam),
-            True,
-            2.0,
-        ),
-    }
+    variants = {"plain": (adam, None, 0.0)}
+    for n in PAPER_N:
+        tx = optax.chain(mg.dotprod(weight=WEIGHT, every=n), adam)
+        variants[f"dotprod every={n}"] = (tx, n, 1 / n)
+    variants["dotprod exact"] = (
+        optax.chain(mg.dotprod(weight=WEIGHT, scheme="exact"), adam),
+        2,
+        None,
+    )
+    variants["dotprod central"] = (
+        optax.chain(mg.dotprod(weight=WEIGHT, scheme="central"), adam),
+        2,
+        1.0,
+    )
+    return variants
 
 
-def _make_step(tx, uses_dotprod):
+def _make_step(tx, every):
     grad = jax.grad(_loss)
 
-    def step(params, opt_state, b1, b2):
-        g1 = grad(params, b1)
-        if uses_dotprod:
+    if every is None:
+
+        def step(params, opt_state, b1, b2):
+            del b2  # one batch per step
+            updates, opt_state = tx.update(grad(params, b1), opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+    else:
+
+        def step(params, opt_state, b1, b2):
+            # b2 is consumed only by the regularized calls; the others never evaluate grad_fn.
+            g1 = grad(params, b1)
             updates, opt_state = tx.update(g1, opt_state, params, grad_fn=lambda p: grad(p, b2))
-        else:
-            g = jax.tree.map(jnp.add, g1, grad(params, b2))
-            updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+            return optax.apply_updates(params, updates), opt_state
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _calls_per_block(every, batches):
+    """Calls that consume `batches` batches: n - 1 calls per period of n batches."""
+    if every is None:
+        return batches
+    return batches // every * (every - 1)
 
 
 def _memory(step, params, opt_state, b1, b2):
@@ -111,10 +133,10 @@ def _memory(step, params, opt_state, b1, b2):
 
 def run(args) -> list[dict]:
     batch = getattr(args, "dotprod_batch", 256)
-    steps = getattr(args, "dotprod_steps", 10)
+    batches = getattr(args, "dotprod_batches", BLOCK_UNIT)
     rounds = getattr(args, "dotprod_rounds", 11)
-    if steps % 10:
-        raise ValueError(f"--dotprod-steps must be a multiple of 10, got {steps}")
+    if batches <= 0 or batches % BLOCK_UNIT:
+        raise ValueError(f"--dotprod-batches must be a positive multiple of 30, got {batches}")
 
     key = jax.random.key(0)
     kp, kx1, ky1, kx2, ky2 = jax.random.split(key, 5)
@@ -123,26 +145,32 @@ def run(args) -> list[dict]:
     b1 = (jax.random.normal(kx1, (batch, SIZES[0])), jax.random.randint(ky1, (batch,), 0, 10))
     b2 = (jax.random.normal(kx2, (batch, SIZES[0])), jax.random.randint(ky2, (batch,), 0, 10))
 
-    states, steps_fn, memory, limits = {}, {}, {}, {}
-    for name, (tx, uses_dotprod, limit) in _variants().items():
+    states, steps_fn, memory, limits, everies = {}, {}, {}, {}, {}
+    for name, (tx, every, limit) in _variants().items():
         params = jax.tree.map(jnp.copy, params0)  # donated: each variant owns a copy
         opt_state = tx.init(params)
-        step = _make_step(tx, uses_dotprod)
+        step = _make_step(tx, every)
         memory[name] = _memory(step, params, opt_state, b1, b2)
-        for _ in range(10):  # compile, then warm up over one full every=10 period
+        # Compile, then warm up over one block (whole periods: the next block starts one).
+        for _ in range(_calls_per_block(every, BLOCK_UNIT)):
             params, opt_state = step(params, opt_state, b1, b2)
         jax.block_until_ready(params)
-        states[name], steps_fn[name], limits[name] = (params, opt_state), step, limit
+        states[name], steps_fn[name] = (params, opt_state), step
+        limits[name], everies[name] = limit, every
 
     def timed_block(name):
         params, opt_state = states[name]
-        step = steps_fn[name]
+        step, every = steps_fn[name], everies[name]
+        if every is not None:
+            assert bool(opt_state[0].regularizes(every)), "a block must start a period"
+        calls = _calls_per_block(every, batches)
         start, cpu_start = time.perf_counter(), time.process_time()
-        for _ in range(steps):
+        for _ in range(calls):
             params, opt_state = step(params, opt_state, b1, b2)
         jax.block_until_ready((params, opt_state))
         states[name] = (params, opt_state)
-        return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
+        # Per batch.
+        return (time.perf_counter() - start) / batches, (time.process_time() - cpu_start) / batches
 
     names = [name for name in states if name != "plain"]
     times = {name: [] for name in states}
@@ -169,19 +197,21 @@ def run(args) -> list[dict]:
 
     rows = []
     for name in states:
-        limit = limits[name]
+        limit, every = limits[name], everies[name]
         rows.append(
             {
                 "experiment": "bench_dotprod",
                 "method": name,
+                "n": "-" if every is None else every,
                 "params": n_params,
                 "batch": batch,
-                "ms_per_step": round(1e3 * statistics.median(times[name]), 2),
-                "ratio_to_plain": round(statistics.median(ratios[name]), 3),
-                "ratio_min_max": f"{min(ratios[name]):.3f}-{max(ratios[name]):.3f}",
-                "cpu_ms_per_step": round(1e3 * statistics.median(cpu_times[name]), 2),
-                "cpu_ratio_to_plain": round(statistics.median(cpu_ratios[name]), 3),
-                "limit": "n/a" if limit is None else round(limit, 3),
+                "calls_per_block": _calls_per_block(every, batches),
+                "batches_per_block": batches,
+                "ms_per_batch": round(1e3 * statistics.median(times[name]), 2),
+                "overhead": round(statistics.median(ratios[name]) - 1, 3),
+                "overhead_min_max": f"{min(ratios[name]) - 1:.3f}..{max(ratios[name]) - 1:.3f}",
+                "cpu_overhead": round(statistics.median(cpu_ratios[name]) - 1, 3),
+                "limit(1/n)": "n/a" if limit is None else round(limit, 3),
                 "temp_MB": round(memory[name][0], 1),
                 "peak_MB": round(memory[name][1], 1),
             }

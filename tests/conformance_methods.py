@@ -87,7 +87,7 @@ class Method:
 def _dotprod(scheme):
     def make(axis):
         def dotprod(weight=0.1):
-            return mg.dotprod(None, weight, scheme=scheme, batch_axis_name=axis)
+            return mg.dotprod(None, weight, scheme=scheme, axis_name=axis)
 
         return dotprod
 
@@ -318,7 +318,7 @@ def transform_inputs(method: Method, loss_fn, params, batch, axis=None):
         return mean(grad(params, batch)), {}
     if method.data == "two":
         b1, b2 = batch
-        # dotprod averages what grad_fn returns itself (batch_axis_name).
+        # dotprod averages what grad_fn returns itself (axis_name).
         return mean(grad(params, b1)), {"grad_fn": lambda p: grad(p, b2)}
     value_and_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))
     losses, grads = value_and_grad(local(params), batch)

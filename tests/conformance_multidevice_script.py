@@ -6,7 +6,7 @@ one device are compared with the same three steps under `jax.pmap`, and under
 `jax.shard_map` with ``check_vma=True`` and ``check_vma=False``: the batch (meta-learners:
 the task batch; seq_reptile and transformations: the examples of each batch) split over
 the 4 devices, the method given the device axis name where it takes one (``axis_name``,
-``batch_axis_name``), the user's gradients averaged with ``jax.lax.pmean`` otherwise. In
+``axis_name``), the user's gradients averaged with ``jax.lax.pmean`` otherwise. In
 float64, so that only a real difference shows. Prints one line ``RESULT {json}`` with, per
 method and cell, the largest relative difference to one device, the spread between the
 devices' copies, the number of devices and the error (None if it ran). Nothing runs on

@@ -87,10 +87,10 @@ def main() -> None:
     single = dp_train(lambda x, sharding: x)
     record("dotprod/jit_named_sharding", single, dp_train(jax.device_put))
 
-    # dotprod with batch_axis_name in a training loop under shard_map (the per-update
+    # dotprod with axis_name in a training loop under shard_map (the per-update
     # comparison is in test_dotprod_multidevice.py): params stay replicated over 5 steps.
     tx_axis = optax.chain(
-        mg.dotprod(weight=0.1, scheme="exact", batch_axis_name="d"), optax.adam(1e-2)
+        mg.dotprod(weight=0.1, scheme="exact", axis_name="d"), optax.adam(1e-2)
     )
 
     def local(params, state, b1, b2):

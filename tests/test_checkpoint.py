@@ -209,6 +209,12 @@ def _mid_inner_loop(state):
     assert 0 < count < 5, f"interrupt at inner step {count}, not mid-inner-loop"
 
 
+def _mid_dotprod_period(state):
+    # every=5: periods of 4 calls (one regularized, three standard); interrupted within one.
+    count = int(state["opt"][0].count)
+    assert count % 4 != 0, f"interrupt at call {count}, at the start of a period"
+
+
 def _nonzero_average(state):
     average = state["learner"].carry.average
     assert float(optax.tree.norm(average)) > 0, "grad_share's running average is still zero"
@@ -224,9 +230,10 @@ CASES = [
     Case(
         "dotprod",
         _optax_case(
-            lambda: optax.chain(mg.dotprod(weight=0.1, every=3), optax.adam(1e-2)),
+            lambda: optax.chain(mg.dotprod(weight=0.1, every=5), optax.adam(1e-2)),
             _dotprod_update,
         ),
+        at_interrupt=_mid_dotprod_period,
     ),
     Case(
         "dotprod_exact_inject",

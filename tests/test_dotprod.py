@@ -116,34 +116,77 @@ class _Counter:
         self.n += 1
 
 
-@pytest.mark.parametrize("scheme", ["forward", "exact"])
-def test_every_n(x64, scheme):
-    # float64, so that jitted and eager finite differences agree tightly.
-    n, calls = 3, 7
-    params, g1, grad_fn = tanh_problem(jnp.float64, sizes=(4, 8, 1))
+def paper_schedule(num_batches, n):
+    """Section 6.3 read off the batch stream, by batch index: each block of n batches starts
+    with one regularized pair (b_k, b_k+1); its other n - 2 batches are standard steps."""
+    steps, k = [], 0
+    while k < num_batches:
+        if k % n == 0:
+            steps.append((k, k + 1))
+            k += 2
+        else:
+            steps.append((k,))
+            k += 1
+    return steps
+
+
+@pytest.mark.parametrize(
+    "scheme, n, injected",
+    [("forward", 3, False), ("exact", 5, False), ("forward", 5, True)],
+)
+def test_every_n_counts_batches_as_the_paper(x64, scheme, n, injected):
+    # Three periods of SGD training, the batches fed as DotProdState.regularizes says,
+    # against a naive loop over the batches: pairs get Algorithm 1 (NumPy), the other
+    # batches a plain gradient step. float64 and alpha = 1e-6 for tight FD agreement.
+    alpha, weight, lr, periods = 1e-6, 0.5, 0.3, 3
+    num_batches = periods * n
+    params, _, _ = tanh_problem(jnp.float64, sizes=(4, 8, 1))
+    keys = jax.random.split(jax.random.key(1), 2 * num_batches)
+    batches = [
+        (jax.random.normal(keys[2 * k], (8, 4), jnp.float64),
+         jax.random.normal(keys[2 * k + 1], (8, 1), jnp.float64))
+        for k in range(num_batches)
+    ]  # fmt: skip
+    grad = jax.jit(jax.grad(_loss))
+    make = optax.inject_hyperparams(mg.dotprod) if injected else mg.dotprod
+    tx = make(inner_alpha=alpha, weight=weight, every=n, scheme=scheme)
     counter = _Counter()
-    tx = mg.dotprod(weight=0.5, every=n, scheme=scheme)
-    full = mg.dotprod(weight=0.5, scheme=scheme)
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=counter.wrap(grad_fn)))
+    step = jax.jit(
+        lambda g, s, p, b2: tx.update(g, s, p, grad_fn=counter.wrap(lambda q: grad(q, b2)))
+    )
     state = tx.init(params)
-    regularized = 0
-    for i in range(calls):
-        p = jax.tree.map(lambda x, i=i: x * (1 + 0.1 * i), params)  # a new point each call
-        g, state = step(g1, state, p)
-        jax.block_until_ready(g)
-        if i % n == 0:  # calls 0, n, 2n, ...: the full update
-            regularized += 1
-            want, _ = update(full, g1, p, grad_fn)
-            atol = 1e-7 * np.abs(flat(want)).max()  # FD round-off ~ sqrt(eps_float64)
-            np.testing.assert_allclose(flat(g), flat(want), rtol=1e-7, atol=atol)
-        else:  # the other calls: Ḡ1 + Ḡ2 (jit vs eager: equal to round-off)
-            want = jax.tree.map(jnp.add, g1, grad_fn(p))
-            np.testing.assert_allclose(flat(g), flat(want), rtol=1e-14, atol=1e-15)
-    assert state.count == calls
-    # grad_fn runs once per call (Ḡ2; inside the jvp for "exact") plus once more
-    # (G21) on regularized calls only: the skipped branch does not run.
-    extra = regularized if scheme == "forward" else 0
-    assert counter.n == calls + extra
+    dot_state = lambda s: s.inner_state if injected else s
+    every = lambda s: s.hyperparams["every"] if injected else n
+
+    got, p, stream = [], params, iter(range(num_batches))
+    for k1 in stream:
+        regularized = bool(dot_state(state).regularizes(every(state)))
+        k2 = next(stream) if regularized else k1
+        g, state = step(grad(p, batches[k1]), state, p, batches[k2])
+        p = jax.tree.map(lambda x, u: x - lr * u, p, g)
+        got.append(((k1, k2) if regularized else (k1,), flat(p)))
+
+    want, theta = [], params
+    for used in paper_schedule(num_batches, n):
+        g1 = grad(theta, batches[used[0]])
+        if len(used) == 2:
+            G = algorithm1(g1, lambda q, b=batches[used[1]]: grad(q, b), theta, alpha, weight)
+        else:
+            G = flat(g1)
+        theta = jax.tree.map(lambda x, u: x - lr * u, theta, ravel_pytree(theta)[1](jnp.asarray(G)))
+        want.append((used, flat(theta)))
+
+    assert [u for u, _ in got] == [u for u, _ in want]  # the same batches, step by step
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        rtol = 1e-7 if scheme == "forward" else 1e-5  # "exact" vs the FD of the reference
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
+    calls, pairs = len(want), num_batches // n
+    assert int(dot_state(state).count) == calls == periods * (n - 1)
+    # grad_fn runs on the regularized calls only: twice ("forward": Ḡ2 and G21) or once
+    # (the jvp of "exact"); the standard calls never evaluate it (lax.cond).
+    assert counter.n == pairs * (2 if scheme == "forward" else 1)
+    if scheme == "forward":  # n + 1 gradients per n batches, g1 included: overhead 1/n
+        assert calls + counter.n == num_batches * (n + 1) // n
 
 
 def test_every_under_vmap():
@@ -152,7 +195,7 @@ def test_every_under_vmap():
     # the cond, and its saving, stay.
     params, g1 = {"w": jnp.array([0.5, -1.0, 2.0])}, {"w": jnp.array([0.2, 0.1, -0.3])}
     grad_fn = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"]) * jnp.arange(1.0, 4.0)))
-    tx = mg.dotprod(weight=0.5, every=2, scheme="exact")
+    tx = mg.dotprod(weight=0.5, every=3, scheme="exact")
     upd = jax.jit(lambda g, s: tx.update(g, s, params, grad_fn=grad_fn)[0])
     g1s = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), g1)  # three "seeds"
     counts = mg.DotProdState(count=jnp.array([0, 1, 2], jnp.int32))
@@ -196,17 +239,17 @@ def test_chain_passes_other_extra_args():
 def test_inject_hyperparams_scheduled_weight(x64):
     params, g1, grad_fn = tanh_problem(jnp.float64, sizes=(4, 8, 1))
     schedule = optax.linear_schedule(0.0, 1.0, transition_steps=4)
-    tx = optax.inject_hyperparams(mg.dotprod)(inner_alpha=1e-3, weight=schedule, every=2)
+    tx = optax.inject_hyperparams(mg.dotprod)(inner_alpha=1e-3, weight=schedule, every=3)
     state = tx.init(params)
     step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))
     for i in range(5):
         g, state = step(g1, state, params)
         np.testing.assert_allclose(state.hyperparams["weight"], schedule(i), rtol=1e-6)
         ref = mg.dotprod(1e-3, weight=float(schedule(i)))
-        if i % 2 == 0:
+        if i % 2 == 0:  # every=3: a regularized call, then a standard one
             want, _ = update(ref, g1, params, grad_fn)
         else:
-            want = jax.tree.map(jnp.add, g1, grad_fn(params))
+            want = g1
         np.testing.assert_allclose(flat(g), flat(want), rtol=1e-8, atol=1e-10)
 
 
@@ -383,6 +426,10 @@ def test_bad_arguments():
         mg.dotprod("1e-7")
     with pytest.raises(ValueError, match="every"):
         mg.dotprod(every=0)
+    with pytest.raises(ValueError, match="every"):
+        mg.dotprod(every=1)
+    with pytest.raises(ValueError, match="every"):
+        mg.DotProdState(count=jnp.int32(0)).regularizes(1)
     with pytest.raises(TypeError, match="every"):
         mg.dotprod(every=2.5)
     with pytest.raises(ValueError, match="scheme"):
@@ -411,6 +458,6 @@ def test_bad_arguments():
         tx.update(g1[:1], state, params, grad_fn=grad_fn)
     for scheme in ("central", "exact"):
         with pytest.raises(ValueError, match="grad_fn"):
-            mg.dotprod(scheme=scheme, every=2).update(
+            mg.dotprod(scheme=scheme, every=3).update(
                 g1, state, params, grad_fn=lambda p: grad_fn(p)[:1]
             )

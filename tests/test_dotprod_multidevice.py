@@ -1,4 +1,4 @@
-"""dotprod's batch_axis_name on 4 faked CPU devices, in a subprocess.
+"""dotprod's axis_name on 4 faked CPU devices, in a subprocess.
 
 The XLA flag that fakes devices must be set before JAX starts, hence the
 subprocess. Each case compares the update computed under `jax.pmap` or
@@ -72,7 +72,7 @@ SCRIPT = textwrap.dedent(
             )
             refs.append(flat(ref))
 
-        tx = mg.dotprod(**kwargs, batch_axis_name="batch")
+        tx = mg.dotprod(**kwargs, axis_name="batch")
 
         def local_step(params, state, b1, b2, loss=loss):
             g1 = jax.grad(loss)(params, b1)
@@ -112,15 +112,15 @@ SCRIPT = textwrap.dedent(
 
 
     errors = {}
-    errors.update(run(jnp.float32, "exact", 1, ["pmap", "shard_map_vma"], 1))
-    errors.update(run(jnp.float32, "forward", 2, ["pmap"], 2))
+    errors.update(run(jnp.float32, "exact", 2, ["pmap", "shard_map_vma"], 1))
+    errors.update(run(jnp.float32, "forward", 3, ["pmap"], 2))
     jax.config.update("jax_enable_x64", True)
     for scheme in ("forward", "central", "exact"):
-        errors.update(run(jnp.float64, scheme, 1, ["pmap", "shard_map_vma"], 1))
-    errors.update(run(jnp.float64, "forward", 2, ["shard_map"], 2))
+        errors.update(run(jnp.float64, scheme, 2, ["pmap", "shard_map_vma"], 1))
+    errors.update(run(jnp.float64, "forward", 3, ["shard_map"], 2))
     # mask= (the second layer only): the selection is static, the pmean is over whole trees.
     mask = {"w1": False, "b1": False, "w2": True, "b2": True}
-    errors.update(run(jnp.float64, "forward", 1, ["pmap", "shard_map_vma"], 1, mask=mask))
+    errors.update(run(jnp.float64, "forward", 2, ["pmap", "shard_map_vma"], 1, mask=mask))
     print("RESULT " + json.dumps(errors))
     """
 )

@@ -28,7 +28,7 @@ def _loss(p, batch):
 HYPERPARAMETERS = {
     "dotprod/inner_alpha": (lambda v: mg.dotprod(inner_alpha=v), False, 0.0, False),
     "dotprod/weight": (lambda v: mg.dotprod(weight=v), False, 0.0, True),
-    "dotprod/every": (lambda v: mg.dotprod(every=v), True, 1, True),
+    "dotprod/every": (lambda v: mg.dotprod(every=v), True, 2, True),
     "fd_hvp/step": (lambda v: mg.fd_hvp(GRAD_FN, PARAMS, PARAMS, step=v), False, 0.0, False),
     "reptile_outer/inner_steps": (lambda v: mg.reptile_outer(optax.sgd(0.1), v), True, 1, True),
     "reptile_outer/outer": (lambda v: mg.reptile_outer(optax.sgd(0.1), 2, v), False, 0.0,

@@ -4,7 +4,7 @@ One subprocess (`multidevice_script.py`, 4 faked CPU devices: the XLA flag must 
 before JAX starts) runs every check and prints its results as JSON; the tests below read
 them. Covered here: `jax.jit` with the batch or the task axis sharded by a `NamedSharding`
 (dotprod in an optax chain, maml, grad_share, reptile, seq_reptile, pcgrad), a 5-step
-dotprod training loop under `jax.shard_map` with `batch_axis_name`, and restoring a
+dotprod training loop under `jax.shard_map` with `axis_name`, and restoring a
 checkpoint onto 4 devices; the meta-learners' ``axis_name`` under `jax.shard_map` (with and
 without ``check_vma``) and `jax.pmap` against one device, including the unrolled task loop.
 Single dotprod updates under `pmap`/`shard_map` are compared in
@@ -45,7 +45,7 @@ def test_task_batch_was_split_over_devices(output, name):
     assert results[f"{name}/tasks_devices"] == 4
 
 
-def test_dotprod_batch_axis_name_training_loop_under_shard_map(output):
+def test_dotprod_axis_name_training_loop_under_shard_map(output):
     results = output
     assert results["dotprod/shard_map_train"] <= TOLERANCE
     assert results["dotprod/shard_map_train/devices"] == 4

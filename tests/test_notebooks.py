@@ -124,6 +124,10 @@ def executed(request, tmp_path_factory):
         patch.setenv("JUPYTER_PATH", str(jupyter_dir))
         # The kernels are subprocesses and inherit this environment.
         patch.setenv("METAGRAD_NOTEBOOK_BUDGET", "tiny")
+        # This checkout's metagrad, not an installed one (pytest's pythonpath is not inherited).
+        root = str(NOTEBOOK_DIR.parent)
+        path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        patch.setenv("PYTHONPATH", path)
         patch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
         # At the tiny budget compilation dominates: cheaper XLA CPU code generation takes about
         # 40% off the kernels' time, and the notebooks assert no numbers.

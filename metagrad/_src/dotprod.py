@@ -24,9 +24,33 @@ _SCHEMES = ("forward", "central", "exact")
 
 
 class DotProdState(NamedTuple):
-    """State of :func:`dotprod`."""
+    """State of :func:`dotprod`: the number of calls of ``update`` so far.
+
+    ``state.regularizes(every)`` tells whether the next call is a regularized
+    one, i.e. whether it consumes the second batch :math:`b_2` (see `every` in
+    :func:`dotprod`).
+    """
 
     count: jax.Array  # int32 scalar, calls of `update` so far
+
+    def regularizes(self, every: int | jax.Array) -> jax.Array:
+        """Whether the next ``update`` call is regularized (consumes :math:`b_2`).
+
+        Args:
+          every: the `every` given to :func:`dotprod` (under
+            ``optax.inject_hyperparams``: ``state.hyperparams["every"]``).
+
+        Returns:
+          A boolean array, ``count % (every - 1) == 0`` (batched like the count).
+        """
+        every = _checks.hyperparameter("every", every, integer=True, low=2, low_inclusive=True)
+        return _regularized_call(self.count, every)
+
+
+def _regularized_call(count: jax.Array, every: int | jax.Array) -> jax.Array:
+    # A period of `every` batches is one two-batch regularized call followed by
+    # every - 2 single-batch calls: every - 1 calls.
+    return count % (every - 1) == 0
 
 
 _WEIGHT_TYPES = "a float, a scalar array or an optax schedule (a callable of the step count)"
@@ -84,9 +108,9 @@ def dotprod(
     inner_alpha: float | jax.Array | None = None,
     weight: float | jax.Array | optax.Schedule = 0.1,
     *,
-    every: int | jax.Array = 1,
+    every: int | jax.Array = 2,
     scheme: str = "forward",
-    batch_axis_name: Hashable | None = None,
+    axis_name: Hashable | None = None,
     mask: chex.ArrayTree | Callable[[chex.ArrayTree], chex.ArrayTree] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Meta DotProd: adds the gradient of the dot product between two batch gradients.
@@ -110,13 +134,18 @@ def dotprod(
     :math:`G` is the *sum* :math:`\bar G_1 + \bar G_2`, as in Algorithm 1, not
     their mean: with a learning rate tuned for single-batch SGD, halve it (or
     chain ``optax.scale(0.5)``) to take the same step. Scale-invariant optimizers
-    such as Adam are unaffected.
+    such as Adam are unaffected. With ``every > 2``, whose standard calls return
+    one batch's :math:`\bar G_1`, the sum makes a regularized call (two batches)
+    move like two standard ones at the same learning rate.
 
-    Cost per call: two evaluations of `grad_fn` (``"forward"``), three
-    (``"central"``), or one gradient plus one forward-over-reverse HVP
-    (``"exact"``), on top of :math:`\bar G_1` computed by the caller: 1.5x a
-    plain step on the same two batches for ``"forward"``, and
-    :math:`1 + 1/(2n)` with ``every=n``.
+    Cost of a regularized call: two evaluations of `grad_fn` (``"forward"``),
+    three (``"central"``), or one gradient plus one forward-over-reverse HVP
+    (``"exact"``), on top of :math:`\bar G_1` computed by the caller: three
+    gradients for two batches, 1.5x plain SGD. With ``every=n`` (the paper's
+    infrequent regularization, Section 6.3) the other calls are standard
+    single-batch steps and ``n`` batches cost ``n + 1`` gradients: an overhead
+    of :math:`1/n` over plain SGD (50%, 33%, 20%, 12.5%, 10% for the paper's
+    n = 2, 3, 5, 8, 10) with ``"forward"``.
 
     Args:
       inner_alpha: the finite-difference step :math:`\alpha` > 0, or ``None``
@@ -129,14 +158,30 @@ def dotprod(
       weight: the weight :math:`\ge 0` of :math:`G_1G_2` (the paper's
         learning rate :math:`LR_{G_1G_2}`, default 0.1): a float, a scalar
         array, or an optax schedule called with the state's count.
-      every: apply the regularizer on calls ``count % every == 0`` only, i.e.
-        the 1st, (n+1)-th, (2n+1)-th, ... calls (the paper's infrequent
-        regularization). The other calls return :math:`\bar G_1 + \bar G_2` and,
-        through ``jax.lax.cond``, never evaluate :math:`G_{2,1}`. Under
+      every: the paper's infrequent regularization, counted in batches: one
+        regularized call per ``every = n`` batches, which consumes two batches
+        (:math:`\bar G_1` on :math:`b_1` from the caller, `grad_fn` on
+        :math:`b_2`) and returns :math:`G`, followed by ``n - 2`` standard calls
+        that consume :math:`b_1` only: they return :math:`\bar G_1` alone and,
+        through ``jax.lax.cond``, never evaluate `grad_fn`. A period is thus
+        ``n - 1`` calls for ``n`` batches, and call ``c`` (the state's count,
+        from 0) is regularized iff ``c % (n - 1) == 0``, which
+        ``DotProdState.regularizes(n)`` returns: draw :math:`b_2` only when it
+        is true (on the other calls `grad_fn` is traced but not run, so any
+        batch of the right shape, e.g. :math:`b_1`, will do). An integer
+        :math:`\ge 2`; ``2`` (default) regularizes every call (Algorithm 1).
+        It may be an array (``optax.inject_hyperparams``), then ``lax.cond``
+        is used even for 2. Earlier versions counted two-batch calls instead:
+        with ``every=m``, calls ``count % m == 0`` were regularized and the others
+        returned :math:`\bar G_1 + \bar G_2` of two batches, i.e. one
+        regularized pair per ``2m`` batches, overhead :math:`1/(2m)`; the old
+        ``every=1`` is the new ``every=2`` (same updates), and the old
+        ``every=m`` regularizes as often as the new ``every=2m``, whose other
+        steps take one batch each instead of two. Under
         ``jax.vmap`` with a batched state (e.g. vmapping ``init`` and
         ``update`` over seeds), the count and hence the predicate are batched,
         and JAX turns ``lax.cond`` into a select that runs both branches: the
-        results are the same, but skipped calls pay the full cost of a
+        results are the same, but standard calls pay the full cost of a
         regularized one. To keep the saving, vmap with the state unbatched
         (``in_axes=None`` for it: every seed shares the count) or loop over
         seeds outside ``vmap``.
@@ -144,7 +189,7 @@ def dotprod(
         (:math:`(g(\theta - \alpha\bar G_1) - g(\theta + \alpha\bar G_1))/(2\alpha)`,
         O(alpha**2) accurate, one more gradient) or ``"exact"``
         (:math:`-\bar H_2 \bar G_1` by :func:`metagrad.hvp`).
-      batch_axis_name: for data parallelism under ``jax.pmap`` / ``shard_map``:
+      axis_name: for data parallelism under ``jax.pmap`` / ``shard_map``:
         the axis over which :math:`\bar G_1` (the incoming `updates`),
         :math:`\bar G_2` and :math:`G_{2,1}` (or the HVP) are averaged with
         ``jax.lax.pmean``, so that, with equal per-device batches and mean
@@ -168,7 +213,8 @@ def dotprod(
         :math:`\bar G_1 + \bar G_2 - \text{weight}\cdot\bar H_2[S,S]\,\bar G_1[S]`,
         the update of Algorithm 1 for the loss as a function of the
         :math:`S` leaves with the others held fixed, and the other leaves get
-        :math:`\bar G_1 + \bar G_2`. ``grad_fn`` still receives and returns
+        :math:`\bar G_1 + \bar G_2` (on a standard call, every leaf gets
+        :math:`\bar G_1`). ``grad_fn`` still receives and returns
         the whole parameter tree. ``None`` (default): all leaves. Use this,
         not ``optax.masked`` / ``optax.multi_transform`` around dotprod: those
         hide the unselected parameters from ``grad_fn`` (and would give those
@@ -209,6 +255,22 @@ def dotprod(
       >>> print(params.shape)
       (3,)
 
+      With ``every=3`` (one regularized pair per 3 batches), draw :math:`b_2`
+      only on the calls that consume it: four calls use six batches here.
+
+      >>> tx = optax.chain(mg.dotprod(every=3), optax.adam(1e-2))
+      >>> state = tx.init(params)
+      >>> batches = iter([(x[i : i + 1], y[i : i + 1]) for i in range(6)])
+      >>> for _ in range(4):
+      ...   b1 = next(batches)
+      ...   b2 = next(batches) if state[0].regularizes(3) else b1
+      ...   g1 = jax.grad(loss)(params, b1)
+      ...   grad_fn = lambda p: jax.grad(loss)(p, b2)
+      ...   updates, state = tx.update(g1, state, params, grad_fn=grad_fn)
+      ...   params = optax.apply_updates(params, updates)
+      >>> print(int(state[0].count), next(batches, "no batch left"))
+      4 no batch left
+
     References:
       Kedia et al., `Beyond Reptile: Meta-Learned Dot-Product Maximization
       between Gradients for Improved Single-Task Regularization
@@ -219,14 +281,14 @@ def dotprod(
     weight = _checks.hyperparameter(
         "weight", weight, low=0, low_inclusive=True, schedule=True, expected=_WEIGHT_TYPES
     )
-    every = _checks.hyperparameter("every", every, integer=True, low=1, low_inclusive=True)
+    every = _checks.hyperparameter("every", every, integer=True, low=2, low_inclusive=True)
     scheme = _checks.one_of("scheme", scheme, _SCHEMES)
     mask = _check_mask(mask)
 
-    if batch_axis_name is None:
+    if axis_name is None:
         reduce = lambda tree: tree
     else:
-        reduce = lambda tree: jax.lax.pmean(tree, batch_axis_name)
+        reduce = lambda tree: jax.lax.pmean(tree, axis_name)
 
     def init_fn(params: chex.ArrayTree) -> DotProdState:
         _check_not_masked(params)
@@ -278,11 +340,9 @@ def dotprod(
             _check_grad_output(g, params)
             return reduce(_as_arrays(g))
 
-        def total(g2, g1g2=None):
-            # Ḡ1 + Ḡ2 first, so that weight = 0 (or a skipped call) gives exactly
-            # their sum, while a non-finite G1G2 still propagates (0 * nan = nan).
-            if g1g2 is None:
-                return jax.tree.map(lambda a, b: (a + b).astype(a.dtype), g1, g2)
+        def total(g2, g1g2):
+            # Ḡ1 + Ḡ2 first, so that weight = 0 gives exactly their sum, while a
+            # non-finite G1G2 still propagates (0 * nan = nan).
             return jax.tree.map(
                 lambda a, b, c, k: (a + b + w * c if k else a + b).astype(a.dtype),
                 g1, g2, g1g2, keep,
@@ -296,13 +356,10 @@ def dotprod(
                 g2, h_g1 = reduce(g2), reduce(h_g1)
                 return total(g2, jax.tree.map(jnp.negative, h_g1))
 
-            def plain():
-                return total(grad(params))
-
         else:
-            g2 = grad(params)
 
             def regularized():
+                g2 = grad(params)
                 # G1G2 = (g(θ − αḠ1) − Ḡ2)/α is the forward difference along −Ḡ1.
                 minus_g1 = jax.tree.map(jnp.negative, g1_sel)
                 step = inner_alpha
@@ -318,13 +375,14 @@ def dotprod(
                 )
                 return total(g2, g1g2)
 
-            def plain():
-                return total(g2)
+        def standard():
+            # A standard single-batch step: Ḡ1 alone, grad_fn (b2) not evaluated.
+            return g1
 
-        if isinstance(every, int) and every == 1:
+        if isinstance(every, int) and every == 2:
             new_updates = regularized()
         else:
-            new_updates = jax.lax.cond(state.count % every == 0, regularized, plain)
+            new_updates = jax.lax.cond(_regularized_call(state.count, every), regularized, standard)
         return new_updates, DotProdState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
