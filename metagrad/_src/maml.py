@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from metagrad._src import checks as _checks
+from metagrad._src import inner_mask as _mask
 from metagrad._src import loops as _loops
 from metagrad._src.base import LossFn, MetaLearner, Params, keep_if_finite
 from metagrad._src.inner_rules import InnerRule, as_inner_rule
@@ -112,6 +113,7 @@ def maml(
     axis_name: str | None = None,
     task_loop: str = "auto",
     step_loop: str = "auto",
+    inner_mask: Any = None,
 ) -> MetaLearner:
     r"""Model-agnostic meta-learning (MAML) as a jitted meta-step.
 
@@ -128,6 +130,8 @@ def maml(
         ``multi_step_loss=N``: the meta-loss becomes ``Σ_k w_k mean_t L_t^q(θ_{t,k})`` with
         the weights of `maml_pp_weights` annealed over N outer steps.
       - Gradient sharing: ``inner=metagrad.grad_share(...)``.
+      - ANIL / BOIL: ``inner_mask=`` selects the leaves the inner loop adapts (the head
+        for ANIL, the body for BOIL); the outer loop learns every leaf.
 
     The outer optimizer sees the pair ``(params, inner_params)``, so learned inner-rule
     parameters are trained with the initialization (use `optax.multi_transform` on that pair
@@ -177,6 +181,16 @@ def maml(
         task batch at each step (its inputs are stacked along the task axis).
       step_loop: how the inner steps are executed: ``"scan"`` (`jax.lax.scan`),
         ``"unroll"`` (one copy per step) or ``"auto"`` (default, below).
+      inner_mask: ``None`` (adapt every parameter) or the leaves the inner loop adapts, as
+        in `optax.masked`: a pytree of bools with the structure of params (or of a prefix of
+        it, a bool then standing for a whole subtree), or a function ``params -> mask``.
+        ANIL (Raghu et al. 2020) adapts the head only, BOIL (Oh et al. 2021) the body
+        only. The unselected leaves are shared by all tasks in the inner loop: they are
+        neither copied per task nor differentiated by the inner gradients (so ANIL's
+        step is cheaper than MAML's), but the outer loop learns them through the query
+        loss. The inner rule sees only the selected leaves: its learned parameters
+        (Meta-SGD rates, ...) and state exist for them only, and ``alignment`` is
+        measured on their gradients. With every leaf selected the step equals plain MAML.
 
     Execution strategies: every (`task_loop`, `step_loop`) pair computes the same numbers
     (tested to 1e-10 in float64); they differ in speed, compile time and memory.
@@ -260,9 +274,18 @@ def maml(
         # The carry in the form the rule's update works on inside the inner loop.
         return rule.loop_carry(carry) if rule.loop_carry else (carry, lambda c: c)
 
+    _mask.check(inner_mask)
+
+    def adapted(params):
+        # The leaves the inner loop adapts, and the map back to full params.
+        return _mask.split(_mask.flags(inner_mask, params), params)
+
+    def bound(merge):
+        return loss_fn if inner_mask is None else _mask.bind(loss_fn, merge)
+
     def init(params):
-        inner_params, carry = rule.init(params, inner_steps)
-        inner_state = () if reset_inner_state else rule.init_state(params)
+        inner_params, carry = rule.init(adapted(params)[0], inner_steps)
+        inner_state = () if reset_inner_state else rule.init_state(adapted(params)[0])
         return MAMLState(
             params=params,
             inner_params=inner_params,
@@ -274,7 +297,7 @@ def maml(
 
     def start_state(state, num_tasks):
         if reset_inner_state:
-            return jax.vmap(rule.init_state)(broadcast(state.params, num_tasks))
+            return jax.vmap(rule.init_state)(broadcast(adapted(state.params)[0], num_tasks))
         return broadcast(state.inner_state, num_tasks)
 
     def step(state, tasks):
@@ -296,8 +319,11 @@ def maml(
 
         def objective(diff):
             params, inner_params = diff
+            # Unselected leaves (inner_mask) are closed over by the loss: shared by the tasks.
+            params, merge = adapted(params)
+            task_loss = bound(merge)
             params_t, istate, carry, outs = inner_loop(
-                loss_fn, rule, params, inner_params, carry0, istate0,
+                task_loss, rule, params, inner_params, carry0, istate0,
                 support, query, inner_steps, first_order=first_order, remat=remat,
                 step_query=step_query, alignment=alignment, task_loop=loops[0],
                 step_loop=loops[1],
@@ -306,7 +332,7 @@ def maml(
                 per_step = jnp.mean(outs["query_loss"], axis=1)
                 loss, post = jnp.sum(weights * per_step), per_step[-1]
             else:
-                post = loss = jnp.mean(run_tasks.map(loss_fn, params_t, query, False))
+                post = loss = jnp.mean(run_tasks.map(task_loss, params_t, query, False))
             metrics = {"loss": loss, "loss_pre": jnp.mean(outs["support_loss"][0])}
             metrics["loss_post"] = post
             if alignment:
@@ -357,12 +383,13 @@ def maml(
         carry, _ = loop_carry(eval_carry(state.carry))
         jaxpr = check_loss(loss_fn, state.params, (support, support))
         loops = _loops.resolve(task_loop, step_loop, num_tasks=1, num_steps=num_steps, jaxpr=jaxpr)
+        params, merge = adapted(state.params)
         params_t, *_ = inner_loop(
-            loss_fn, rule, state.params, state.inner_params, carry, istate,
+            bound(merge), rule, params, state.inner_params, carry, istate,
             support, None, num_steps, first_order=True, remat=False, step_query=False,
             alignment=False, task_loop=loops[0], step_loop=loops[1],
         )  # fmt: skip
-        return _loops.TaskLoop(loops[0], 1).take(params_t, 0)
+        return merge(_loops.TaskLoop(loops[0], 1).take(params_t, 0))
 
     adapt_jit = jax.jit(adapt_fn, static_argnums=2)
 
