@@ -25,6 +25,8 @@ from metagrad._src.grad_share import grad_share as grad_share
 from metagrad._src.hvp import fd_hvp as fd_hvp
 from metagrad._src.hvp import fd_step as fd_step
 from metagrad._src.hvp import hvp as hvp
+from metagrad._src.imaml import IMAMLState as IMAMLState
+from metagrad._src.imaml import imaml as imaml
 from metagrad._src.maml import MAMLState as MAMLState
 from metagrad._src.maml import fomaml as fomaml
 from metagrad._src.maml import maml as maml
@@ -53,6 +55,7 @@ __all__ = [
     "GradShareCarry",
     "GradShareParams",
     "GradVacState",
+    "IMAMLState",
     "InnerRule",
     "MAMLState",
     "MetaLearner",
@@ -69,6 +72,7 @@ __all__ = [
     "gradnorm",
     "gradvac",
     "hvp",
+    "imaml",
     "learned_lr",
     "maml",
     "maml_pp_weights",
