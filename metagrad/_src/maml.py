@@ -105,7 +105,7 @@ def maml(
     inner_steps: int,
     outer: optax.GradientTransformation,
     *,
-    first_order: bool = False,
+    first_order: bool | int = False,
     multi_step_loss: None | int | Callable[[jax.Array], jax.Array] = None,
     remat: bool = False,
     reset_inner_state: bool = True,
@@ -126,9 +126,25 @@ def maml(
 
     Options:
       - Meta-SGD: ``inner=metagrad.meta_sgd(α)``, per-parameter learned learning rates.
-      - MAML++: ``inner=metagrad.learned_lr(α, per_step=True, granularity="layer")`` and
-        ``multi_step_loss=N``: the meta-loss becomes ``Σ_k w_k mean_t L_t^q(θ_{t,k})`` with
-        the weights of `maml_pp_weights` annealed over N outer steps.
+      - MAML++ (Antoniou et al. 2019), all of its training choices:
+        per-layer per-step learned inner rates,
+        ``inner=metagrad.learned_lr(α, per_step=True, granularity="layer")``; the multi-step
+        loss, ``multi_step_loss=N``: the meta-loss becomes ``Σ_k w_k mean_t L_t^q(θ_{t,k})``
+        with the weights of `maml_pp_weights` annealed over N outer steps;
+        derivative-order annealing, ``first_order=M``: first order for the first M outer
+        steps, second order afterwards (one compiled program); the cosine-annealed outer
+        rate, an optax schedule: ``outer=optax.adam(optax.cosine_decay_schedule(1e-3,
+        decay_steps=num_outer_steps, alpha=1e-5 / 1e-3))``. Per-step batch normalization
+        is model code. Statistics: with Flax, call ``nn.BatchNorm(use_running_average=False)``
+        inside ``loss_fn`` (``model.apply(params, x, mutable=["batch_stats"])``, discarding
+        the returned statistics): every inner step then normalizes with the statistics of
+        its own batch at its own params, which is what per-step statistics are during
+        meta-training (MAML++'s per-step running averages serve evaluation only). BN
+        scale and bias: MAML++ learns them in the outer loop only; exclude them from the
+        inner loop with ``inner_mask`` (e.g. ``lambda p: jax.tree.map_with_path(lambda
+        path, _: "BatchNorm" not in jax.tree_util.keystr(path), p)``). Separate scale and
+        bias per inner step would need the step index inside ``loss_fn``, which it does
+        not receive.
       - Gradient sharing: ``inner=metagrad.grad_share(...)``.
       - ANIL / BOIL: ``inner_mask=`` selects the leaves the inner loop adapts (the head
         for ANIL, the body for BOIL); the outer loop learns every leaf.
@@ -150,7 +166,11 @@ def maml(
       inner_steps: number of inner steps K (>= 1).
       outer: the optax optimizer applied to the meta-gradient.
       first_order: if True, first-order MAML (inner gradients under `stop_gradient`);
-        learned inner-rule parameters still receive their first-order gradient.
+        learned inner-rule parameters still receive their first-order gradient. An int
+        N >= 1 is MAML++'s derivative-order annealing: first order for the first N outer
+        steps (``state.count < N``), second order from step N on. Both variants are
+        compiled into one program and `jax.lax.cond` on ``state.count`` picks one at run
+        time: the step compiles once, and each outer step runs (and pays for) one variant.
       multi_step_loss: ``None`` (meta-loss at the last inner step only), an int N >= 1 or a
         callable ``count -> weights[K]``. The int N is a number of OUTER steps, not of inner
         steps: the MAML++ weights of the K inner steps' query losses (`maml_pp_weights`)
@@ -243,8 +263,12 @@ def maml(
     _check_axis_name(axis_name)
     _loops.check(task_loop, step_loop)
     outer = _checks.as_optimizer("outer", outer)
+    anneal_order = not isinstance(first_order, bool)
+    if anneal_order:
+        if not isinstance(first_order, (int, np.integer)):
+            raise TypeError(f"first_order must be a bool or an int >= 1, got {first_order!r}")
+        first_order = _checks.positive_int("first_order", int(first_order))
     for name, flag in [
-        ("first_order", first_order),
         ("remat", remat),
         ("reset_inner_state", reset_inner_state),
         ("alignment", alignment),
@@ -317,7 +341,7 @@ def maml(
                     f"got shape {weights.shape}"
                 )
 
-        def objective(diff):
+        def objective(diff, first_order):
             params, inner_params = diff
             # Unselected leaves (inner_mask) are closed over by the loss: shared by the tasks.
             params, merge = adapted(params)
@@ -343,9 +367,18 @@ def maml(
         # Under shard_map, differentiating replicated params would return their gradient
         # already summed over devices (the transpose of the implicit broadcast): mark them
         # device-varying so each device's gradient stays local until the pmean below.
-        (_, (metrics, istate, carry)), grads = jax.value_and_grad(objective, has_aux=True)(
-            to_varying(diff, axis_name)
-        )
+        def value_and_grad(order):
+            return jax.value_and_grad(objective, has_aux=True)(to_varying(diff, axis_name), order)
+
+        if anneal_order:
+            # MAML++ derivative-order annealing: both orders in one program, one run per step.
+            (_, (metrics, istate, carry)), grads = jax.lax.cond(
+                state.count < first_order,
+                lambda: value_and_grad(True),
+                lambda: value_and_grad(False),
+            )
+        else:
+            (_, (metrics, istate, carry)), grads = value_and_grad(first_order)
         if reset_inner_state:
             istate = ()
         else:
