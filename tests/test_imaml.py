@@ -136,3 +136,25 @@ def test_alignment_needs_two_tasks():
     learner = mg.imaml(quad_loss, optax.sgd(0.1), 1, 0.1, lam=1.0, cg_steps=1, alignment=True)
     with pytest.raises(ValueError, match="alignment"):
         learner.step(learner.init(phi), ((a[:1], b[:1]), (aq[:1], bq[:1])))
+
+
+def test_compiled_memory_does_not_grow_with_inner_steps():
+    # A small MLP whose per-step activations dominate: unrolled MAML's memory grows with K,
+    # iMAML's (no differentiated inner loop) does not.
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 64)), jnp.float32),
+              "v": jnp.asarray(rng.normal(size=64), jnp.float32)}  # fmt: skip
+    x = jnp.asarray(rng.normal(size=(2, 2, 256, 8)), jnp.float32)
+    tasks = ((x[0], x[0].sum(-1)), (x[1], x[1].sum(-1)))
+
+    def peak(learner):
+        state = learner.init(params)
+        mem = learner.step.lower(state, tasks).compile().memory_analysis()
+        return mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+
+    loops = dict(task_loop="vmap", step_loop="scan")
+    imaml = [peak(mg.imaml(mlp_loss, optax.sgd(0.01), k, 0.1, lam=1.0, cg_steps=2, **loops))
+             for k in (2, 40)]  # fmt: skip
+    maml = [peak(mg.maml(mlp_loss, optax.sgd(0.01), k, optax.sgd(0.1), **loops)) for k in (2, 40)]
+    assert imaml[1] <= 1.05 * imaml[0], imaml
+    assert maml[1] > 2 * maml[0], maml
