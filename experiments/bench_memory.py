@@ -127,7 +127,9 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7), squeeze=False)
+    panels = 2 if any(r["step_s"] is not None for r in rows) else 1
+    fig, axes = plt.subplots(panels, len(models), figsize=(5.5 * len(models), 3.5 * panels),
+                             squeeze=False)  # fmt: skip
     for j, name in enumerate(models):
         for method in METHODS:
             mine = sorted((r for r in rows if r["model"] == name and r["method"] == method),
@@ -137,15 +139,18 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
             axes[0][j].plot([r["K"] for r in mine], [r["peak_MB"] for r in mine], "o-",
                             label=method)  # fmt: skip
             timed = [r for r in mine if r["step_s"] is not None]
-            if timed:
+            if timed and panels == 2:
                 axes[1][j].plot([r["K"] for r in timed], [r["step_s"] for r in timed], "o-",
                                 label=method)  # fmt: skip
         axes[0][j].set(title=f"{name}: peak compiled memory", xlabel="inner steps K",
                        ylabel="MB (temp + args + outputs)")  # fmt: skip
-        axes[1][j].set(title=f"{name}: time per meta-step (CPU)", xlabel="inner steps K",
-                       ylabel="s")  # fmt: skip
+        axes[0][j].set_yscale("log")
+        if panels == 2:
+            axes[1][j].set(title=f"{name}: time per meta-step (CPU)", xlabel="inner steps K",
+                           ylabel="s")  # fmt: skip
         for ax in axes[:, j]:
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
