@@ -17,9 +17,10 @@ over ``--mem-rounds`` calls of the compiled step, measured for K <= ``--mem-time
 ``--mem-task-loop unroll`` for faster CPU steps) and ``step_loop="scan"`` (compile time
 independent of K), so the figures compare methods, not execution strategies. The loop runs
 K-major (every method at the first K, then the next K), writing the JSON after every row;
-``--mem-replot a.json b.json`` rebuilds the table and the plot from saved rows. The section prints a table, writes ``bench_memory.json`` and ``bench_memory.png``
-(memory and time against K, one panel per model) to ``--mem-out``, and states the growth of
-memory with K per method (MB per inner step, fitted between the smallest and largest K).
+``--mem-replot a.json b.json`` rebuilds the table and the plot from saved rows. The section
+prints a table, writes ``bench_memory.json`` and ``bench_memory.png`` (memory and time against
+K, one panel per model) to ``--mem-out``, and states the growth of memory with K per method
+(MB per inner step, fitted between the smallest and largest K).
 Images are random: memory and step time do not depend on the pixels.
 """
 
