@@ -31,8 +31,10 @@ def test_order_switches_at_exactly_n_and_compiles_once(x64):
         got, _ = annealed.step(state, tasks)
         want = (fo if count < n else so).step(state, tasks)[0]
         other = (so if count < n else fo).step(state, tasks)[0]
-        diff = lambda a, b: max(float(np.max(np.abs(u - v)))  # noqa: E731
-                                for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+        diff = lambda a, b: max(  # noqa: E731
+            float(np.max(np.abs(u - v)))
+            for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        )
         assert diff(got.params, want.params) <= 1e-12, count
         assert diff(got.params, other.params) > 1e-6, count  # the two orders differ here
         state = got
