@@ -18,6 +18,8 @@ from metagrad._src.grad_share import grad_share as grad_share
 from metagrad._src.hvp import fd_hvp as fd_hvp
 from metagrad._src.hvp import fd_step as fd_step
 from metagrad._src.hvp import hvp as hvp
+from metagrad._src.imaml import IMAMLState as IMAMLState
+from metagrad._src.imaml import imaml as imaml
 from metagrad._src.inner_rules import InnerRule as InnerRule
 from metagrad._src.inner_rules import learned_lr as learned_lr
 from metagrad._src.inner_rules import meta_sgd as meta_sgd
@@ -66,6 +68,7 @@ __all__ = [
     "GradShareCarry",
     "GradShareParams",
     "GradVacState",
+    "IMAMLState",
     "InnerRule",
     "MAMLState",
     "MetaLearner",
@@ -87,6 +90,7 @@ __all__ = [
     "gradnorm",
     "gradvac",
     "hvp",
+    "imaml",
     "learned_lr",
     "maml",
     "maml_pp_weights",

@@ -195,12 +195,17 @@ INNERS = {
 
 def _learner(learner: str, inner: str, loss_fn=loss):
     def make(outer=None, axis=None, inject=False):
-        rule = INNERS[inner](axis)
-        if inject and inner == "sgd":
+        rule = INNERS["sgd" if inner == "anil" else inner](axis)
+        if inject and inner in ("sgd", "anil"):
             rule = optax.inject_hyperparams(optax.sgd)(learning_rate=LR)
         outer = optax.adam(1e-2) if outer is None else outer
+        # ANIL: the inner loop adapts the last layer ("b") only; a function of the params, so
+        # that extra leaves (python_float, none_leaf) are not adapted.
+        mask = {"inner_mask": lambda p: {k: k == "b" for k in p}} if inner == "anil" else {}
         if learner in ("maml", "fomaml"):
-            return getattr(mg, learner)(loss_fn, rule, INNER_STEPS, outer, axis_name=axis)
+            return getattr(mg, learner)(loss_fn, rule, INNER_STEPS, outer, axis_name=axis, **mask)
+        if learner == "imaml":
+            return mg.imaml(loss_fn, rule, INNER_STEPS, outer, lam=1.0, cg_steps=3, axis_name=axis)
         if learner == "reptile":
             return mg.reptile(loss_fn, rule, INNER_STEPS, outer, axis_name=axis)
         return mg.seq_reptile(loss_fn, rule, INNER_STEPS, outer, pass_task_id=False, axis_name=axis)
@@ -255,6 +260,8 @@ METHODS: list[Method] = [
            losses=True, guard="after", bad=("beta", 1.0)),
     *[_meta(learner, inner) for learner in ("maml", "fomaml", "reptile", "seq_reptile")
       for inner in INNERS],
+    Method("maml/anil", "meta", _learner("maml", "anil"), "maml"),
+    Method("imaml/sgd", "meta", _learner("imaml", "sgd"), "maml"),
 ]  # fmt: skip
 BY_NAME = {m.name: m for m in METHODS}
 

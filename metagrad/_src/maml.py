@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from metagrad._src import checks as _checks
+from metagrad._src import inner_mask as _mask
 from metagrad._src import loops as _loops
 from metagrad._src.adapt import to_invariant, to_varying
 from metagrad._src.base import LossFn, MetaLearner, Params, keep_if_finite, mean_over_tasks
@@ -86,7 +87,7 @@ def maml(
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
-    first_order: bool = False,
+    first_order: bool | int = False,
     multi_step_loss: None | int | Callable[[jax.Array], jax.Array] = None,
     remat: bool = False,
     reset_inner_state: bool = True,
@@ -94,6 +95,7 @@ def maml(
     axis_name: str | None = None,
     task_loop: str = "auto",
     step_loop: str = "auto",
+    inner_mask: Any = None,
 ) -> MetaLearner:
     r"""Model-agnostic meta-learning (MAML) as a jitted meta-step.
 
@@ -106,10 +108,28 @@ def maml(
 
     Options:
       - Meta-SGD: ``inner=metagrad.meta_sgd(α)``, per-parameter learned learning rates.
-      - MAML++: ``inner=metagrad.learned_lr(α, per_step=True, granularity="layer")`` and
-        ``multi_step_loss=N``: the meta-loss becomes ``Σ_k w_k mean_t L_t^q(θ_{t,k})`` with
-        the weights of `maml_pp_weights` annealed over N outer steps.
+      - MAML++ (Antoniou et al. 2019), all of its training choices:
+        per-layer per-step learned inner rates,
+        ``inner=metagrad.learned_lr(α, per_step=True, granularity="layer")``; the multi-step
+        loss, ``multi_step_loss=N``: the meta-loss becomes ``Σ_k w_k mean_t L_t^q(θ_{t,k})``
+        with the weights of `maml_pp_weights` annealed over N outer steps;
+        derivative-order annealing, ``first_order=M``: first order for the first M outer
+        steps, second order afterwards (one compiled program); the cosine-annealed outer
+        rate, an optax schedule: ``outer=optax.adam(optax.cosine_decay_schedule(1e-3,
+        decay_steps=num_outer_steps, alpha=1e-5 / 1e-3))``. Per-step batch normalization
+        is model code. Statistics: with Flax, call ``nn.BatchNorm(use_running_average=False)``
+        inside ``loss_fn`` (``model.apply(params, x, mutable=["batch_stats"])``, discarding
+        the returned statistics): every inner step then normalizes with the statistics of
+        its own batch at its own params, which is what per-step statistics are during
+        meta-training (MAML++'s per-step running averages serve evaluation only). BN
+        scale and bias: MAML++ learns them in the outer loop only; exclude them from the
+        inner loop with ``inner_mask`` (e.g. ``lambda p: jax.tree.map_with_path(lambda
+        path, _: "BatchNorm" not in jax.tree_util.keystr(path), p)``). Separate scale and
+        bias per inner step would need the step index inside ``loss_fn``, which it does
+        not receive.
       - Gradient sharing: ``inner=metagrad.grad_share(...)``.
+      - ANIL / BOIL: ``inner_mask=`` selects the leaves the inner loop adapts (the head
+        for ANIL, the body for BOIL); the outer loop learns every leaf.
 
     The outer optimizer sees the pair ``(params, inner_params)``, so learned inner-rule
     parameters are trained with the initialization (use `optax.multi_transform` on that pair
@@ -129,7 +149,11 @@ def maml(
       outer: the optax optimizer applied to the meta-gradient, or a step size (a float or an
         optax schedule) meaning ``optax.sgd(outer)``.
       first_order: if True, first-order MAML (inner gradients under `stop_gradient`);
-        learned inner-rule parameters still receive their first-order gradient.
+        learned inner-rule parameters still receive their first-order gradient. An int
+        N >= 1 is MAML++'s derivative-order annealing: first order for the first N outer
+        steps (``state.count < N``), second order from step N on. Both variants are
+        compiled into one program and `jax.lax.cond` on ``state.count`` picks one at run
+        time: the step compiles once, and each outer step runs (and pays for) one variant.
       multi_step_loss: ``None`` (meta-loss at the last inner step only), an int N >= 1 or a
         callable ``count -> weights[K]``. The int N is a number of OUTER steps, not of inner
         steps: the MAML++ weights of the K inner steps' query losses (`maml_pp_weights`)
@@ -160,6 +184,16 @@ def maml(
         task batch at each step (its inputs are stacked along the task axis).
       step_loop: how the inner steps are executed: ``"scan"`` (`jax.lax.scan`),
         ``"unroll"`` (one copy per step) or ``"auto"`` (default, below).
+      inner_mask: ``None`` (adapt every parameter) or the leaves the inner loop adapts, as
+        in `optax.masked`: a pytree of bools with the structure of params (or of a prefix of
+        it, a bool then standing for a whole subtree), or a function ``params -> mask``.
+        ANIL (Raghu et al. 2020) adapts the head only, BOIL (Oh et al. 2021) the body
+        only. The unselected leaves are shared by all tasks in the inner loop: they are
+        neither copied per task nor differentiated by the inner gradients (so ANIL's
+        step is cheaper than MAML's), but the outer loop learns them through the query
+        loss. The inner rule sees only the selected leaves: its learned parameters
+        (Meta-SGD rates, ...) and state exist for them only, and ``alignment`` is
+        measured on their gradients. With every leaf selected the step equals plain MAML.
 
     Execution strategies: every (`task_loop`, `step_loop`) pair computes the same numbers
     (tested to 1e-10 in float64); they differ in speed, compile time and memory.
@@ -212,8 +246,12 @@ def maml(
     _checks.axis_name(axis_name)
     _loops.check(task_loop, step_loop)
     outer = _checks.outer_optimizer("outer", outer)
+    anneal_order = not isinstance(first_order, bool)
+    if anneal_order:
+        if not isinstance(first_order, (int, np.integer)):
+            raise TypeError(f"first_order must be a bool or an int >= 1, got {first_order!r}")
+        first_order = _checks.positive_int("first_order", int(first_order))
     for name, flag in [
-        ("first_order", first_order),
         ("remat", remat),
         ("reset_inner_state", reset_inner_state),
         ("alignment", alignment),
@@ -243,9 +281,18 @@ def maml(
         # The carry in the form the rule's update works on inside the inner loop.
         return rule.loop_carry(carry) if rule.loop_carry else (carry, lambda c: c)
 
+    _mask.check(inner_mask)
+
+    def adapted(params):
+        # The leaves the inner loop adapts, and the map back to full params.
+        return _mask.split(_mask.flags(inner_mask, params), params)
+
+    def bound(merge):
+        return loss_fn if inner_mask is None else _mask.bind(loss_fn, merge)
+
     def init(params):
-        inner_params, carry = rule.init(params, inner_steps)
-        inner_state = None if reset_inner_state else rule.init_state(params)
+        inner_params, carry = rule.init(adapted(params)[0], inner_steps)
+        inner_state = None if reset_inner_state else rule.init_state(adapted(params)[0])
         return MAMLState(
             params=params,
             inner_params=inner_params,
@@ -257,7 +304,7 @@ def maml(
 
     def start_state(state, num_tasks):
         if reset_inner_state:
-            return jax.vmap(rule.init_state)(broadcast(state.params, num_tasks))
+            return jax.vmap(rule.init_state)(broadcast(adapted(state.params)[0], num_tasks))
         return broadcast(state.inner_state, num_tasks)
 
     def step(state, tasks):
@@ -278,10 +325,13 @@ def maml(
                     f"got shape {weights.shape}"
                 )
 
-        def objective(diff):
+        def objective(diff, first_order):
             params, inner_params = diff
+            # Unselected leaves (inner_mask) are closed over by the loss: shared by the tasks.
+            params, merge = adapted(params)
+            task_loss = bound(merge)
             params_t, istate, carry, outs = inner_loop(
-                loss_fn, rule, params, inner_params, carry0, istate0,
+                task_loss, rule, params, inner_params, carry0, istate0,
                 support, query, inner_steps, first_order=first_order, remat=remat,
                 step_query=step_query, alignment=alignment, task_loop=loops[0],
                 step_loop=loops[1],
@@ -290,7 +340,7 @@ def maml(
                 per_step = jnp.mean(outs["query_loss"], axis=1)
                 loss, post = jnp.sum(weights * per_step), per_step[-1]
             else:
-                post = loss = jnp.mean(run_tasks.map(loss_fn, params_t, query, False))
+                post = loss = jnp.mean(run_tasks.map(task_loss, params_t, query, False))
             metrics = {"loss": loss, "loss_pre": jnp.mean(outs["support_loss"][0])}
             metrics["loss_post"] = post
             if alignment:
@@ -298,12 +348,22 @@ def maml(
             return loss, (metrics, istate, carry)
 
         diff = (state.params, state.inner_params)
+
         # Under shard_map, differentiating replicated params would return their gradient
         # already summed over devices (the transpose of the implicit broadcast): mark them
         # device-varying so each device's gradient stays local until the pmean below.
-        (_, (metrics, istate, carry)), grads = jax.value_and_grad(objective, has_aux=True)(
-            to_varying(diff, axis_name)
-        )
+        def value_and_grad(order):
+            return jax.value_and_grad(objective, has_aux=True)(to_varying(diff, axis_name), order)
+
+        if anneal_order:
+            # MAML++ derivative-order annealing: both orders in one program, one run per step.
+            (_, (metrics, istate, carry)), grads = jax.lax.cond(
+                state.count < first_order,
+                lambda: value_and_grad(True),
+                lambda: value_and_grad(False),
+            )
+        else:
+            (_, (metrics, istate, carry)), grads = value_and_grad(first_order)
         istate = None if reset_inner_state else mean_over_tasks(istate, axis_name)
         if axis_name is not None:
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
@@ -332,12 +392,13 @@ def maml(
         carry, _ = loop_carry(eval_carry(state.carry))
         jaxpr = check_loss(loss_fn, state.params, (support, support))
         loops = _loops.resolve(task_loop, step_loop, num_tasks=1, num_steps=num_steps, jaxpr=jaxpr)
+        params, merge = adapted(state.params)
         params_t, *_ = inner_loop(
-            loss_fn, rule, state.params, state.inner_params, carry, istate,
+            bound(merge), rule, params, state.inner_params, carry, istate,
             support, None, num_steps, first_order=True, remat=False, step_query=False,
             alignment=False, task_loop=loops[0], step_loop=loops[1],
         )  # fmt: skip
-        return _loops.TaskLoop(loops[0], 1).take(params_t, 0)
+        return merge(_loops.TaskLoop(loops[0], 1).take(params_t, 0))
 
     adapt_jit = jax.jit(adapt_fn, static_argnums=2)
 

@@ -1,0 +1,248 @@
+"""Implicit MAML (iMAML): the meta-gradient of a proximal inner loop by conjugate gradient.
+
+Rajeswaran, Finn, Kakade, Levine, `Meta-Learning with Implicit Gradients
+<https://arxiv.org/abs/1909.04630>`_, NeurIPS 2019.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metagrad._src import checks as _checks
+from metagrad._src import diagnostics as _diagnostics
+from metagrad._src import loops as _loops
+from metagrad._src.adapt import to_varying
+from metagrad._src.base import LossFn, MetaLearner, Params, keep_if_finite, mean_over_tasks
+from metagrad._src.hvp import hvp as _hvp
+from metagrad._src.maml_loop import broadcast, check_alignment, check_loss, check_tasks
+
+
+class IMAMLState(NamedTuple):
+    """State of `imaml`."""
+
+    params: Params  # the learned initialization φ
+    outer_state: optax.OptState  # of `outer`
+    inner_state: Any  # inner optimizer state kept across outer steps; None when reset
+    count: jax.Array  # int32 scalar, outer steps so far
+
+
+def conjugate_gradient(matvec, b: Any, num_steps: int) -> tuple[Any, jax.Array]:
+    """`num_steps` iterations of conjugate gradient on ``A x = b`` from ``x = 0``.
+
+    ``A`` (``matvec``) must be symmetric positive definite. Returns ``x`` and the relative
+    residual ``‖b − A x‖ / ‖b‖`` of the recurrence (0 when ``b = 0``). A converged residual
+    stays converged: a zero step size is taken once ``r = 0`` or ``pᵀAp <= 0``.
+    """
+    vdot = optax.tree.vdot
+    rr0 = vdot(b, b)
+
+    def body(carry, _):
+        x, r, p, rr = carry
+        ap = matvec(p)
+        pap = vdot(p, ap)
+        ok = (pap > 0) & (rr > 0)
+        alpha = jnp.where(ok, rr / jnp.where(ok, pap, 1.0), 0.0)
+        x = optax.tree.add_scale(x, alpha, p)
+        r = optax.tree.add_scale(r, -alpha, ap)
+        rr_new = vdot(r, r)
+        beta = jnp.where(ok, rr_new / jnp.where(ok, rr, 1.0), 0.0)
+        p = optax.tree.add_scale(r, beta, p)
+        return (x, r, p, jnp.where(ok, rr_new, rr)), None
+
+    x0 = optax.tree.zeros_like(b)
+    (x, _, _, rr), _ = jax.lax.scan(body, (x0, b, b, rr0), None, length=num_steps)
+    return x, jnp.sqrt(rr / jnp.where(rr0 > 0, rr0, 1.0))
+
+
+def imaml(
+    loss_fn: LossFn,
+    inner: optax.GradientTransformation,
+    inner_steps: int,
+    outer: optax.GradientTransformation,
+    *,
+    lam: float,
+    cg_steps: int,
+    reset_inner_state: bool = True,
+    alignment: bool = False,
+    axis_name: str | None = None,
+    task_loop: str = "auto",
+    step_loop: str = "auto",
+) -> MetaLearner:
+    r"""Implicit MAML: a proximal inner loop and its implicit meta-gradient.
+
+    For each task t the inner loop approximately minimizes the proximal support objective
+    ``G_t(θ) = L_t^s(θ) + (λ/2)‖θ − φ‖²`` from ``θ = φ`` with `inner_steps` steps of
+    `inner` (any optax optimizer, fed ``∇G_t``), giving ``θ_t*``. At an exact minimizer,
+    ``dθ_t*/dφ = (I + H_t/λ)^{-1}`` with ``H_t = ∇²L_t^s(θ_t*)``, so the meta-gradient is
+
+        ``∇J(φ) = mean_t (I + H_t/λ)^{-1} ∇L_t^q(θ_t*)``,
+
+    solved per task by `cg_steps` iterations of conjugate gradient whose products ``H_t v``
+    are exact Hessian-vector products (`metagrad.hvp`). The inner loop is never
+    differentiated (``θ_t*`` is a constant): memory does not grow with `inner_steps`, and
+    any optax optimizer or number of steps may be used. The linear system is positive
+    definite when ``G_t`` is strongly convex near ``θ_t*`` (``H_t ≻ −λI``); a larger λ makes
+    it better conditioned (CG converges faster) and keeps ``θ_t*`` closer to φ.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      inner: the optax optimizer of the inner loop (e.g. ``optax.sgd(α)``), applied per
+        task to ``∇G_t``; its state starts fresh for every task unless
+        `reset_inner_state` is False.
+      inner_steps: number of inner steps K (>= 1).
+      outer: the optax optimizer applied to the meta-gradient (or a float / optax
+        schedule, meaning ``optax.sgd(outer)``).
+      lam: the proximal regularization strength λ > 0.
+      cg_steps: conjugate-gradient iterations per task (>= 1).
+      reset_inner_state: if True (default) the inner optimizer state is fresh at every
+        outer step (``None`` in the state); if False the state reached at the end of an
+        outer step's inner loops, averaged over tasks, starts the next one.
+      alignment: if True, ``metrics["alignment"]`` is the mean pairwise cosine between the
+        tasks' support gradients at φ (needs >= 2 tasks).
+      axis_name: data parallelism over the task batch (`jax.pmap` / `jax.shard_map` with
+        this axis name, each device holding a slice of the tasks): the meta-gradient and
+        the metrics are averaged over the axis, so every device applies the same update.
+      task_loop: ``"vmap"``, ``"map"``, ``"unroll"`` or ``"auto"``, as in `metagrad.maml`
+        (each task's inner loop and CG solve run as one per-task program).
+      step_loop: ``"scan"``, ``"unroll"`` or ``"auto"``: how the inner steps run.
+
+    Returns:
+      A `MetaLearner`: ``init(params) -> IMAMLState``; ``step(state, (support, query)) ->
+      (state, metrics)`` (leaves with a leading task axis, as `metagrad.maml`); metrics
+      ``loss`` and ``loss_post`` (mean query loss at θ*), ``loss_pre`` (mean support loss at
+      φ), ``meta_grad_norm``, ``cg_residual`` (the largest relative CG residual
+      ``‖b − A x‖/‖b‖`` over the tasks), ``prox_grad_norm`` (the largest ``‖∇G_t(θ_t*)‖``
+      over the tasks: how far the inner loop is from the proximal minimizer), optionally
+      ``alignment``; ``adapt(state, support, num_steps=None) -> params``, the proximal inner
+      loop for one task.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, metagrad as mg
+      >>> loss = lambda p, b: jnp.mean((b[0] * p - b[1]) ** 2)
+      >>> learner = mg.imaml(loss, optax.sgd(0.1), 5, optax.sgd(0.1), lam=1.0, cg_steps=3)
+      >>> state = learner.init(jnp.zeros(()))
+      >>> x = jnp.ones((3, 4))
+      >>> state, metrics = learner.step(state, ((x, 2 * x), (x, 2 * x)))
+      >>> sorted(metrics)
+      ['cg_residual', 'loss', 'loss_post', 'loss_pre', 'meta_grad_norm', 'prox_grad_norm']
+
+    References:
+      Rajeswaran et al., `Meta-Learning with Implicit Gradients
+      <https://arxiv.org/abs/1909.04630>`_, NeurIPS 2019.
+    """
+    _checks.callable_("loss_fn", loss_fn)
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(
+            f"inner must be an optax GradientTransformation, got {inner!r} of type "
+            f"{type(inner).__name__}"
+        )
+    inner_steps = _checks.positive_int("inner_steps", inner_steps)
+    if isinstance(outer, (int, float)) or (
+        callable(outer) and not isinstance(outer, optax.GradientTransformation)
+    ):
+        outer = optax.sgd(outer)  # a learning rate or an optax schedule
+    outer = _checks.outer_optimizer("outer", outer)
+    lam = _checks.positive_float("lam", lam)
+    cg_steps = _checks.positive_int("cg_steps", cg_steps)
+    _checks.booleans(reset_inner_state=reset_inner_state, alignment=alignment)
+    _checks.axis_name(axis_name)
+    _loops.check(task_loop, step_loop)
+    grad_fn = jax.grad(loss_fn)
+
+    def init(params):
+        params = jax.tree.map(jnp.asarray, params)
+        return IMAMLState(
+            params=params,
+            outer_state=outer.init(params),
+            inner_state=None if reset_inner_state else inner.init(params),
+            count=jnp.zeros((), jnp.int32),
+        )
+
+    def solve(phi, istate, support, num_steps, mode):
+        """The proximal inner loop of one task: θ* ≈ argmin L^s(θ) + (λ/2)‖θ − φ‖²."""
+
+        def body(carry, k, _):
+            del k
+            theta, istate = carry
+            g = optax.tree.add_scale(grad_fn(theta, support), lam, optax.tree.sub(theta, phi))
+            updates, istate = inner.update(g, istate, theta)
+            return (optax.apply_updates(theta, updates), istate), None
+
+        (theta, istate), _ = _loops.run_steps(body, (phi, istate), num_steps, mode)
+        return theta, istate
+
+    def one_task(phi, inputs, step_loop):
+        istate, support, query = inputs
+        theta, istate = solve(phi, istate, support, inner_steps, step_loop)
+        theta = jax.lax.stop_gradient(theta)
+        loss_q, g_q = jax.value_and_grad(loss_fn)(theta, query)
+
+        def matvec(v):  # (I + H/λ) v
+            hv = _hvp(lambda p: grad_fn(p, support), theta, v)
+            return optax.tree.add_scale(v, 1.0 / lam, hv)
+
+        meta_grad, residual = conjugate_gradient(matvec, g_q, cg_steps)
+        prox = optax.tree.add_scale(grad_fn(theta, support), lam, optax.tree.sub(theta, phi))
+        out = {"loss_post": loss_q, "cg_residual": residual}
+        out["prox_grad_norm"] = optax.tree.norm(prox)
+        return meta_grad, istate, out
+
+    def step(state, tasks):
+        support, query, num_tasks = check_tasks(tasks)
+        check_alignment(alignment, num_tasks)
+        jaxpr = check_loss(loss_fn, state.params, tasks)
+        loops = _loops.resolve(
+            task_loop, step_loop, num_tasks=num_tasks, num_steps=inner_steps, jaxpr=jaxpr
+        )
+        run_tasks = _loops.TaskLoop(loops[0], num_tasks)
+        # Device-varying params: gradients taken on each device's tasks stay local until
+        # the pmean below (see metagrad.maml).
+        phi = to_varying(state.params, axis_name)
+        if reset_inner_state:
+            istate0 = jax.vmap(inner.init)(broadcast(phi, num_tasks))
+        else:
+            istate0 = broadcast(state.inner_state, num_tasks)
+        losses_pre, grads_pre = run_tasks.map(jax.value_and_grad(loss_fn), phi, support, True)
+        grads, istate, outs = run_tasks.map(
+            lambda p, x: one_task(p, x, loops[1]), phi, (istate0, support, query), True
+        )
+        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+        loss = jnp.mean(outs["loss_post"])
+        metrics = {"loss": loss, "loss_pre": jnp.mean(losses_pre), "loss_post": loss}
+        if alignment:
+            metrics["alignment"] = _diagnostics.mean_pairwise_cosine(grads_pre)
+        worst = {"cg_residual": jnp.max(outs["cg_residual"]),
+                 "prox_grad_norm": jnp.max(outs["prox_grad_norm"])}  # fmt: skip
+        if axis_name is not None:
+            grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+            worst = jax.lax.pmax(worst, axis_name)
+        metrics["meta_grad_norm"] = optax.tree.norm(grads)
+        metrics.update(worst)
+        updates, outer_state = outer.update(grads, state.outer_state, state.params)
+        kept = None
+        if not reset_inner_state:
+            kept = mean_over_tasks(istate, axis_name)
+            kept = keep_if_finite(kept, state.inner_state)
+        new_state = IMAMLState(
+            params=optax.apply_updates(state.params, updates),
+            outer_state=outer_state,
+            inner_state=kept,
+            count=state.count + 1,
+        )
+        return new_state, metrics
+
+    def adapt_fn(state, support, num_steps):
+        istate = inner.init(state.params) if reset_inner_state else state.inner_state
+        return solve(state.params, istate, support, num_steps, "scan")[0]
+
+    adapt_jit = jax.jit(adapt_fn, static_argnums=2)
+
+    def adapt(state: IMAMLState, support: Any, num_steps: int | None = None) -> Params:
+        num_steps = inner_steps if num_steps is None else num_steps
+        return adapt_jit(state, support, _checks.positive_int("num_steps", num_steps))
+
+    return MetaLearner(init=init, step=jax.jit(step), adapt=adapt)
