@@ -21,6 +21,15 @@ Second-order grad_share keeps each inner step's task gradients g_{t,k} for the b
 step that plain SGD-MAML does not keep: on this params-only model that is the compiled
 memory ratio; a real network's activations are kept by both learners and dilute it.
 
+``--grad-share-real resnet12-84`` (not in the default selection: a few minutes of compiles)
+adds the real ResNet-12 (`experiments.models.resnet12_init`, 12.4M parameters in 34 leaves) on
+84×84×3 5-way 1-shot episodes with 15 queries per class, task batch 4, K = 5, compile only
+(abstract inputs): for MAML and FOMAML, plain and with grad_share, in the library's default
+execution layout (``--grad-share-real-layout`` picks another ``task_loop/step_loop``), the
+trace + lowering time (best of ``--grad-share-real-traces`` fresh learners after a warm-up
+trace; wall and process CPU time), the peak host RSS increase during it, and XLA's compiled
+temporary memory, with the grad_share / plain ratios (issue 12's target: each <= 1.2).
+
 Both learners of a row get the same pre-sampled task batch and are timed in interleaved rounds
 (best round kept). The comparison is like for like: same model, data, outer optimizer and
 compile path; grad_share's learned m_k, λ_k are part of the method, so their outer-optimizer
@@ -340,31 +349,35 @@ def resnet12_episodes(num_tasks=RESNET_TASKS, image=RESNET_84_IMAGE, queries=RES
 
 
 def _trace_cost(make, tasks, traces):
-    """Best trace + lowering time and smallest peak-RSS increase over `traces` fresh learners
-    (after one warm-up trace), and the compiled temporary bytes of the last lowering."""
-    seconds, host, lowered = float("inf"), None, None
+    """Best trace + lowering time (wall and process CPU) and smallest peak-RSS increase over
+    `traces` fresh learners (after one warm-up trace), and the compiled temporary bytes of
+    the last lowering."""
+    seconds, cpu, host, lowered = float("inf"), float("inf"), None, None
     for i in range(traces + 1):
         learner, state = make()
         base = reset_peak_rss()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         lowered = learner.step.trace(state, tasks).lower()
-        elapsed = time.perf_counter() - start
+        elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         if i == 0:
             continue  # warm-up: fills JAX's caches of lowering rules and jitted helpers
-        seconds = min(seconds, elapsed)
+        seconds, cpu = min(seconds, elapsed), min(cpu, elapsed_cpu)
         if base is not None:
             grown = rss_status("VmHWM") - base
             host = grown if host is None else min(host, grown)
     memory = lowered.compile().memory_analysis()
-    return {"trace_s": seconds, "host_mb": host and host / 2**20,
+    # CPU time of the process too: less sensitive than wall time to other processes.
+    return {"trace_s": seconds, "trace_cpu_s": cpu, "host_mb": host and host / 2**20,
             "temp_mb": memory.temp_size_in_bytes / 2**20}  # fmt: skip
 
 
-def real_resnet12_rows(traces=3, layout="auto/auto", num_steps=INNER_STEPS):
+def real_resnet12_rows(
+    traces=3, layout="auto/auto", num_steps=INNER_STEPS, image=RESNET_84_IMAGE, width=1.0
+):
     """The real ResNet-12 (84×84×3, 5-way 1-shot, 15 queries, T = 4), compile only: plain
     MAML / FOMAML against the same learner with grad_share, in the layout `layout`."""
-    params = jax.eval_shape(lambda: resnet12_init(jax.random.PRNGKey(0), 3, WAYS))
-    tasks = resnet12_episodes()
+    params = jax.eval_shape(lambda: resnet12_init(jax.random.PRNGKey(0), 3, WAYS, width))
+    tasks = resnet12_episodes(image=image)
     task_loop, step_loop = layout.split("/")
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tasks[0])
     resolved = _loops.resolve(
@@ -386,7 +399,7 @@ def real_resnet12_rows(traces=3, layout="auto/auto", num_steps=INNER_STEPS):
 
             costs[name] = _trace_cost(make, tasks, traces)
         row = {
-            "model": f"ResNet-12 {RESNET_84_IMAGE}x{RESNET_84_IMAGE}x3 5-way 1-shot",
+            "model": f"ResNet-12 x{width:g} {image}x{image}x3 5-way 1-shot",
             "params": sum(x.size for x in jax.tree.leaves(params)),
             "leaves": len(jax.tree.leaves(params)),
             "method": "fomaml" if first_order else "maml",
