@@ -58,6 +58,7 @@ target is out of reach for the rule's forward arithmetic alone; on Conv-4 it is 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import pathlib
 import time
@@ -348,27 +349,38 @@ def resnet12_episodes(num_tasks=RESNET_TASKS, image=RESNET_84_IMAGE, queries=RES
     return part(1), part(queries)
 
 
-def _trace_cost(make, tasks, traces):
-    """Best trace + lowering time (wall and process CPU) and smallest peak-RSS increase over
-    `traces` fresh learners (after one warm-up trace), and the compiled temporary bytes of
-    the last lowering."""
-    seconds, cpu, host, lowered = float("inf"), float("inf"), None, None
+def _trace_costs(makes, tasks, traces):
+    """Per learner (``makes``: name -> () -> (learner, state)): the best trace + lowering
+    time (wall and process CPU) and the smallest peak-RSS increase over `traces` fresh
+    learners, and the compiled temporary bytes of its last lowering.
+
+    Every learner is traced once first (a warm-up: it fills JAX's caches of lowering rules
+    and jitted helpers), then the learners take turns, so a change in the machine's load
+    hits them alike.
+    """
+    costs = {name: {"trace_s": float("inf"), "trace_cpu_s": float("inf"), "host_mb": None}
+             for name in makes}  # fmt: skip
+    lowered = {}
     for i in range(traces + 1):
-        learner, state = make()
-        base = reset_peak_rss()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        lowered = learner.step.trace(state, tasks).lower()
-        elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-        if i == 0:
-            continue  # warm-up: fills JAX's caches of lowering rules and jitted helpers
-        seconds, cpu = min(seconds, elapsed), min(cpu, elapsed_cpu)
-        if base is not None:
-            grown = rss_status("VmHWM") - base
-            host = grown if host is None else min(host, grown)
-    memory = lowered.compile().memory_analysis()
-    # CPU time of the process too: less sensitive than wall time to other processes.
-    return {"trace_s": seconds, "trace_cpu_s": cpu, "host_mb": host and host / 2**20,
-            "temp_mb": memory.temp_size_in_bytes / 2**20}  # fmt: skip
+        for name, make in makes.items():
+            learner, state = make()
+            base = reset_peak_rss()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            lowered[name] = learner.step.trace(state, tasks).lower()
+            wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            if i == 0:
+                continue
+            cost = costs[name]
+            cost["trace_s"] = min(cost["trace_s"], wall)
+            # CPU time of the process too: less sensitive than wall time to other processes.
+            cost["trace_cpu_s"] = min(cost["trace_cpu_s"], cpu)
+            if base is not None:
+                grown = (rss_status("VmHWM") - base) / 2**20
+                cost["host_mb"] = grown if cost["host_mb"] is None else min(cost["host_mb"], grown)
+    for name in makes:
+        memory = lowered.pop(name).compile().memory_analysis()
+        costs[name]["temp_mb"] = memory.temp_size_in_bytes / 2**20
+    return costs
 
 
 def real_resnet12_rows(
@@ -386,18 +398,17 @@ def real_resnet12_rows(
     )  # fmt: skip
     rows = []
     for first_order in (False, True):
-        costs = {}
-        for name in ("plain", "grad_share"):
 
-            def make(name=name, first_order=first_order):
-                inner = mg.grad_share(INNER_LR) if name == "grad_share" else optax.sgd(INNER_LR)
-                learner = mg.maml(
-                    resnet12_loss, inner, num_steps, optax.adam(OUTER_LR),
-                    first_order=first_order, task_loop=task_loop, step_loop=step_loop,
-                )  # fmt: skip
-                return learner, jax.eval_shape(learner.init, params)
+        def make(name, first_order=first_order):
+            inner = mg.grad_share(INNER_LR) if name == "grad_share" else optax.sgd(INNER_LR)
+            learner = mg.maml(
+                resnet12_loss, inner, num_steps, optax.adam(OUTER_LR),
+                first_order=first_order, task_loop=task_loop, step_loop=step_loop,
+            )  # fmt: skip
+            return learner, jax.eval_shape(learner.init, params)
 
-            costs[name] = _trace_cost(make, tasks, traces)
+        makes = {name: functools.partial(make, name) for name in ("plain", "grad_share")}
+        costs = _trace_costs(makes, tasks, traces)
         row = {
             "model": f"ResNet-12 x{width:g} {image}x{image}x3 5-way 1-shot",
             "params": sum(x.size for x in jax.tree.leaves(params)),
