@@ -21,6 +21,15 @@ Second-order grad_share keeps each inner step's task gradients g_{t,k} for the b
 step that plain SGD-MAML does not keep: on this params-only model that is the compiled
 memory ratio; a real network's activations are kept by both learners and dilute it.
 
+``--grad-share-real resnet12-84`` (not in the default selection: a few minutes of compiles)
+adds the real ResNet-12 (`experiments.models.resnet12_init`, 12.4M parameters in 34 leaves) on
+84×84×3 5-way 1-shot episodes with 15 queries per class, task batch 4, K = 5, compile only
+(abstract inputs): for MAML and FOMAML, plain and with grad_share, in the library's default
+execution layout (``--grad-share-real-layout`` picks another ``task_loop/step_loop``), the
+trace + lowering time (best of ``--grad-share-real-traces`` fresh learners after a warm-up
+trace; wall and process CPU time), the peak host RSS increase during it, and XLA's compiled
+temporary memory, with the grad_share / plain ratios (issue 12's target: each <= 1.2).
+
 Both learners of a row get the same pre-sampled task batch and are timed in interleaved rounds
 (best round kept). The comparison is like for like: same model, data, outer optimizer and
 compile path; grad_share's learned m_k, λ_k are part of the method, so their outer-optimizer
@@ -49,6 +58,7 @@ target is out of reach for the rule's forward arithmetic alone; on Conv-4 it is 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import pathlib
 import time
@@ -61,13 +71,22 @@ import optax
 import metagrad as mg
 from experiments.data import sinusoid_tasks
 from experiments.fewshot import loss_fn as conv4_loss
-from experiments.models import conv4_init, mlp_init, mse_loss
+from experiments.models import conv4_init, mlp_init, mse_loss, resnet12_apply, resnet12_init
+
+try:  # where the lead's refactor moves the private modules
+    from metagrad._src import _loops
+except ImportError:
+    from metagrad import _loops
 
 INNER_STEPS, INNER_LR, OUTER_LR, SHOTS = 5, 0.01, 1e-3, 10
 # Conv-4 episodes: 5-way 1-shot, 5 queries per class, 28×28 grey images, 32 channels.
 WAYS, QUERIES, IMAGE, CHANNELS, CONV_TASKS = 5, 5, 28, 32, 4
 MODELS = ("sinusoid", "conv4")
 REAL_MODELS = ("conv4", "resnet12")
+# The real ResNet-12 (84×84×3 inputs, 5-way 1-shot, 15 queries per class, task batch 4),
+# compile only: not in the default selection (a few minutes of compiles).
+RESNET_84 = "resnet12-84"
+RESNET_84_IMAGE, RESNET_84_QUERIES = 84, 15
 # ResNet-12-sized rows: task batch and a loss that touches every parameter at almost no cost,
 # so the rule's O(parameters) work is as large a share of a step as it can be.
 RESNET_TASKS = 4
@@ -102,9 +121,21 @@ def add_arguments(parser):
     group.add_argument(
         "--grad-share-real",
         nargs="*",
-        choices=REAL_MODELS,
+        choices=REAL_MODELS + (RESNET_84,),
         default=list(REAL_MODELS),
-        help="real-size cost rows (trace time, host and compiled memory, step time)",
+        help="real-size cost rows (trace time, host and compiled memory, step time); "
+        f"{RESNET_84}: the real ResNet-12 on 84x84x3 episodes, compile only",
+    )
+    group.add_argument(
+        "--grad-share-real-traces",
+        type=int,
+        default=3,
+        help=f"{RESNET_84}: timed traces per learner (best kept, after a warm-up trace)",
+    )
+    group.add_argument(
+        "--grad-share-real-layout",
+        default="auto/auto",
+        help=f"{RESNET_84}: the learners' task_loop/step_loop (default: the library's default)",
     )
     group.add_argument(
         "--grad-share-real-iters", type=int, default=3, help="timed steps at real sizes"
@@ -302,6 +333,102 @@ def _real_rows(model, loss_fn, params, tasks, iters):
     return rows
 
 
+def resnet12_loss(params, batch):
+    """Cross-entropy of the real ResNet-12 (`experiments.models.resnet12_apply`)."""
+    logits = resnet12_apply(params, batch[0])
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
+
+
+def resnet12_episodes(num_tasks=RESNET_TASKS, image=RESNET_84_IMAGE, queries=RESNET_84_QUERIES):
+    """Abstract 5-way 1-shot episodes (``jax.ShapeDtypeStruct``): nothing is allocated."""
+
+    def part(n):
+        x = jax.ShapeDtypeStruct((num_tasks, WAYS * n, image, image, 3), jnp.float32)
+        return x, jax.ShapeDtypeStruct((num_tasks, WAYS * n), jnp.int32)
+
+    return part(1), part(queries)
+
+
+def _trace_costs(makes, tasks, traces):
+    """Per learner (``makes``: name -> () -> (learner, state)): the best trace + lowering
+    time (wall and process CPU) and the smallest peak-RSS increase over `traces` fresh
+    learners, and the compiled temporary bytes of its last lowering.
+
+    Every learner is traced once first (a warm-up: it fills JAX's caches of lowering rules
+    and jitted helpers), then the learners take turns, so a change in the machine's load
+    hits them alike.
+    """
+    costs = {name: {"trace_s": float("inf"), "trace_cpu_s": float("inf"), "host_mb": None}
+             for name in makes}  # fmt: skip
+    lowered = {}
+    for i in range(traces + 1):
+        for name, make in makes.items():
+            learner, state = make()
+            base = reset_peak_rss()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            lowered[name] = learner.step.trace(state, tasks).lower()
+            wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            if i == 0:
+                continue
+            cost = costs[name]
+            cost["trace_s"] = min(cost["trace_s"], wall)
+            # CPU time of the process too: less sensitive than wall time to other processes.
+            cost["trace_cpu_s"] = min(cost["trace_cpu_s"], cpu)
+            if base is not None:
+                grown = (rss_status("VmHWM") - base) / 2**20
+                cost["host_mb"] = grown if cost["host_mb"] is None else min(cost["host_mb"], grown)
+    for name in makes:
+        memory = lowered.pop(name).compile().memory_analysis()
+        costs[name]["temp_mb"] = memory.temp_size_in_bytes / 2**20
+    return costs
+
+
+def real_resnet12_rows(
+    traces=3, layout="auto/auto", num_steps=INNER_STEPS, image=RESNET_84_IMAGE, width=1.0
+):
+    """The real ResNet-12 (84×84×3, 5-way 1-shot, 15 queries, T = 4), compile only: plain
+    MAML / FOMAML against the same learner with grad_share, in the layout `layout`."""
+    params = jax.eval_shape(lambda: resnet12_init(jax.random.PRNGKey(0), 3, WAYS, width))
+    tasks = resnet12_episodes(image=image)
+    task_loop, step_loop = layout.split("/")
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tasks[0])
+    resolved = _loops.resolve(
+        task_loop, step_loop, num_tasks=RESNET_TASKS, num_steps=num_steps,
+        jaxpr=jax.make_jaxpr(resnet12_loss)(params, batch),
+    )  # fmt: skip
+    rows = []
+    for first_order in (False, True):
+
+        def make(name, first_order=first_order):
+            inner = mg.grad_share(INNER_LR) if name == "grad_share" else optax.sgd(INNER_LR)
+            learner = mg.maml(
+                resnet12_loss, inner, num_steps, optax.adam(OUTER_LR),
+                first_order=first_order, task_loop=task_loop, step_loop=step_loop,
+            )  # fmt: skip
+            return learner, jax.eval_shape(learner.init, params)
+
+        makes = {name: functools.partial(make, name) for name in ("plain", "grad_share")}
+        costs = _trace_costs(makes, tasks, traces)
+        row = {
+            "model": f"ResNet-12 x{width:g} {image}x{image}x3 5-way 1-shot",
+            "params": sum(x.size for x in jax.tree.leaves(params)),
+            "leaves": len(jax.tree.leaves(params)),
+            "method": "fomaml" if first_order else "maml",
+            "layout": f"{layout} = {'/'.join(resolved)}",
+            "task_batch": RESNET_TASKS,
+            "inner_steps": num_steps,
+        }
+        for key, value in costs["plain"].items():
+            other = costs["grad_share"][key]
+            if value is None or other is None:
+                continue
+            row[f"{key}_plain"] = round(value, 3)
+            row[f"{key}_grad_share"] = round(other, 3)
+            row[f"{key}_ratio"] = round(other / value, 3)
+        rows.append(row)
+    return rows
+
+
 def run(args) -> list[dict]:
     models = getattr(args, "grad_share_models", MODELS)
     rows = []
@@ -331,4 +458,8 @@ def run(args) -> list[dict]:
         params = resnet12_sized(jax.random.PRNGKey(0))
         batch = jax.random.normal(jax.random.PRNGKey(1), (RESNET_TASKS, 8))
         rows += _real_rows("ResNet-12-sized tree", cheap_loss, params, (batch, batch), real_iters)
+    if RESNET_84 in real:
+        traces = getattr(args, "grad_share_real_traces", 3)
+        layout = getattr(args, "grad_share_real_layout", "auto/auto")
+        rows += real_resnet12_rows(traces, layout)
     return rows

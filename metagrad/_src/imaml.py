@@ -62,10 +62,10 @@ def imaml(
     loss_fn: LossFn,
     inner: optax.GradientTransformation,
     inner_steps: int,
-    outer: optax.GradientTransformation,
+    outer: float | optax.Schedule | optax.GradientTransformation,
     *,
-    lam: float,
-    cg_steps: int,
+    lam: float = 1.0,
+    cg_steps: int = 5,
     reset_inner_state: bool = True,
     alignment: bool = False,
     axis_name: str | None = None,
@@ -96,8 +96,9 @@ def imaml(
       inner_steps: number of inner steps K (>= 1).
       outer: the optax optimizer applied to the meta-gradient (or a float / optax
         schedule, meaning ``optax.sgd(outer)``).
-      lam: the proximal regularization strength λ > 0.
-      cg_steps: conjugate-gradient iterations per task (>= 1).
+      lam: the proximal regularization strength λ > 0 (default 1.0, a starting point: the
+        paper tunes λ per benchmark).
+      cg_steps: conjugate-gradient iterations per task (>= 1; default 5).
       reset_inner_state: if True (default) the inner optimizer state is fresh at every
         outer step (``None`` in the state); if False the state reached at the end of an
         outer step's inner loops, averaged over tasks, starts the next one.

@@ -81,6 +81,20 @@ def maml_pp_weights(num_steps: int, anneal_steps: int, count: jax.Array) -> jax.
     return jnp.concatenate([jnp.full((k - 1,), inter), last[None]])
 
 
+def _split_inexact(tree: Any) -> tuple[list, Callable[[list], Any]]:
+    """The floating leaves of `tree`, and the function putting new ones back in their place."""
+    leaves, treedef = jax.tree.flatten(tree)
+    where = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+    def merge(floats):
+        out = list(leaves)
+        for i, x in zip(where, floats, strict=True):
+            out[i] = x
+        return jax.tree.unflatten(treedef, out)
+
+    return [leaves[i] for i in where], merge
+
+
 def maml(
     loss_fn: LossFn,
     inner: optax.GradientTransformation | InnerRule,
@@ -325,8 +339,17 @@ def maml(
                     f"got shape {weights.shape}"
                 )
 
-        def objective(diff, first_order):
+        # The carry enters the differentiated function as an argument (its gradient is
+        # dropped): the carry of a rule with learned parameters (grad_share's G) gets a
+        # tangent at the first inner step, and had it entered with a symbolic-zero one,
+        # JAX's scan would find that out by tracing the inner step's derivative twice
+        # (forward and partial evaluation each iterate to a fixed point): up to 1.5x the
+        # trace time of a real ResNet-12 step with unrolled tasks and scanned steps.
+        carry_floats, merge_carry = _split_inexact(carry0)
+
+        def objective(diff, carry_floats, first_order):
             params, inner_params = diff
+            carry0 = merge_carry(carry_floats)
             # Unselected leaves (inner_mask) are closed over by the loss: shared by the tasks.
             params, merge = adapted(params)
             task_loss = bound(merge)
@@ -353,7 +376,11 @@ def maml(
         # already summed over devices (the transpose of the implicit broadcast): mark them
         # device-varying so each device's gradient stays local until the pmean below.
         def value_and_grad(order):
-            return jax.value_and_grad(objective, has_aux=True)(to_varying(diff, axis_name), order)
+            grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+            value, (grads, _) = grad_fn(
+                to_varying(diff, axis_name), to_varying(carry_floats, axis_name), order
+            )
+            return value, grads
 
         if anneal_order:
             # MAML++ derivative-order annealing: both orders in one program, one run per step.
