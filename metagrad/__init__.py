@@ -12,6 +12,7 @@ from metagrad._src.diagnostics import pairwise_dot as pairwise_dot
 from metagrad._src.diagnostics import task_gradients as task_gradients
 from metagrad._src.dotprod import DotProdState as DotProdState
 from metagrad._src.dotprod import dotprod as dotprod
+from metagrad._src.fomaml import fomaml as fomaml
 from metagrad._src.grad_share import GradShareCarry as GradShareCarry
 from metagrad._src.grad_share import GradShareParams as GradShareParams
 from metagrad._src.grad_share import grad_share as grad_share
@@ -24,9 +25,8 @@ from metagrad._src.inner_rules import InnerRule as InnerRule
 from metagrad._src.inner_rules import learned_lr as learned_lr
 from metagrad._src.inner_rules import meta_sgd as meta_sgd
 from metagrad._src.maml import MAMLState as MAMLState
-from metagrad._src.maml import fomaml as fomaml
 from metagrad._src.maml import maml as maml
-from metagrad._src.maml import maml_pp_weights as maml_pp_weights
+from metagrad._src.maml_pp import maml_pp_weights as maml_pp_weights
 from metagrad._src.mtl.db_mtl import DBMTLState as DBMTLState
 from metagrad._src.mtl.db_mtl import db_mtl as db_mtl
 from metagrad._src.mtl.dwa import DWAState as DWAState

@@ -59,7 +59,7 @@ LEARNERS = {
         **kw,
     ),
     "seq_reptile": lambda **kw: mg.seq_reptile(
-        task_id_loss, optax.adam(0.1), STEPS, 0.5, reset_inner_state=False, **kw
+        task_id_loss, optax.adam(0.1), STEPS, 0.5, reset_inner_state=False, pass_task_id=True, **kw
     ),
 }
 
@@ -79,7 +79,7 @@ def _problem():
     maml_tasks = (batch(TASKS), batch(TASKS))
     return params, {
         "maml": maml_tasks,
-        "reptile": batch(TASKS, STEPS),
+        "reptile": (batch(TASKS, STEPS), batch(TASKS)),
         "seq_reptile": (jnp.array([1, 0], jnp.int32), batch(STEPS)),
     }
 
@@ -137,7 +137,7 @@ def test_auto_rule():
     x, kernel = jnp.ones((2, 1, 4, 4)), jnp.ones((1, 1, 3, 3))
     conv = jax.make_jaxpr(conv_loss)(kernel, (x, jnp.ones(2)))
     params, tasks = _problem()
-    dense = jax.make_jaxpr(mlp_loss)(params, jax.tree.map(lambda x: x[0, 0], tasks["reptile"]))
+    dense = jax.make_jaxpr(mlp_loss)(params, jax.tree.map(lambda x: x[0, 0], tasks["reptile"][0]))
     assert _loops.loss_stats(conv)[0] and not _loops.loss_stats(dense)[0]
     # Under a scan the convolution is inside a sub-jaxpr.
     scanned = jax.make_jaxpr(

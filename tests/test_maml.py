@@ -267,7 +267,7 @@ def test_errors_say_what_to_change():
             mg.meta_sgd(bad)
         with pytest.raises(ValueError, match="alpha must be > 0"):
             mg.learned_lr(bad, per_step=True)
-    with pytest.raises(TypeError, match="axis_name must be None or a str, got 0"):
+    with pytest.raises(TypeError, match="axis_name must be None or the str name of a mapped axis"):
         mg.maml(quad_loss, sgd, 1, sgd, axis_name=0)
     with pytest.raises(TypeError, match="axis_name"):
         mg.fomaml(quad_loss, sgd, 1, sgd, axis_name=("d",))

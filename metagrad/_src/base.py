@@ -78,3 +78,19 @@ def mean_over_tasks(states: Any, axis_name: str | None = None) -> Any:
         return x[0] if axis_name is None else jax.lax.pmax(x[0], axis_name)
 
     return jax.tree.map(mean, states)
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """The global Euclidean norm of a pytree, without overflow for finite leaves.
+
+    `optax.tree.norm` squares the entries first, so finite gradients above about 1e19 give inf
+    in float32; scaling by the largest entry first keeps the metric finite whenever they are.
+    """
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    if not leaves:
+        return jnp.zeros([])
+    dtype = jnp.result_type(*leaves)
+    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
+    safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    total = sum(jnp.sum(jnp.square(x.astype(dtype) / safe)) for x in leaves)
+    return safe * jnp.sqrt(total)

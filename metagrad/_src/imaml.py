@@ -16,7 +16,14 @@ from metagrad._src import checks as _checks
 from metagrad._src import diagnostics as _diagnostics
 from metagrad._src import loops as _loops
 from metagrad._src.adapt import to_varying
-from metagrad._src.base import LossFn, MetaLearner, Params, keep_if_finite, mean_over_tasks
+from metagrad._src.base import (
+    LossFn,
+    MetaLearner,
+    Params,
+    global_norm,
+    keep_if_finite,
+    mean_over_tasks,
+)
 from metagrad._src.hvp import hvp as _hvp
 from metagrad._src.maml_loop import broadcast, check_alignment, check_loss, check_tasks
 
@@ -221,7 +228,7 @@ def imaml(
         if axis_name is not None:
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
             worst = jax.lax.pmax(worst, axis_name)
-        metrics["meta_grad_norm"] = optax.tree.norm(grads)
+        metrics["meta_grad_norm"] = global_norm(grads)
         metrics.update(worst)
         updates, outer_state = outer.update(grads, state.outer_state, state.params)
         kept = None

@@ -15,7 +15,6 @@ References:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,9 +27,17 @@ from metagrad._src import checks as _checks
 from metagrad._src import inner_mask as _mask
 from metagrad._src import loops as _loops
 from metagrad._src.adapt import to_invariant, to_varying
-from metagrad._src.base import LossFn, MetaLearner, Params, keep_if_finite, mean_over_tasks
+from metagrad._src.base import (
+    LossFn,
+    MetaLearner,
+    Params,
+    global_norm,
+    keep_if_finite,
+    mean_over_tasks,
+)
 from metagrad._src.inner_rules import InnerRule, as_inner_rule
 from metagrad._src.maml_loop import broadcast, check_alignment, check_loss, check_tasks, inner_loop
+from metagrad._src.maml_pp import maml_pp_weights
 
 
 class MAMLState(NamedTuple):
@@ -40,45 +47,8 @@ class MAMLState(NamedTuple):
     inner_params: Any  # learned inner-rule parameters (Meta-SGD rates, m_k, λ_k, ...)
     outer_state: optax.OptState  # of `outer`, over the pair (params, inner_params)
     carry: Any  # the inner rule's persistent carry (no gradient), e.g. grad_share's average
-    inner_state: Any  # inner optimizer state kept across outer steps; () when reset
+    inner_state: Any  # inner optimizer state kept across outer steps; None when reset
     count: jax.Array  # int32 scalar, outer steps so far
-
-
-def maml_pp_weights(num_steps: int, anneal_steps: int, count: jax.Array) -> jax.Array:
-    """MAML++ multi-step loss weights after `count` outer steps, shape ``[num_steps]``.
-
-    The weights start uniform (1/K). Over `anneal_steps` outer steps the weights of the
-    intermediate steps decay linearly, at rate 1/(K·anneal_steps) per outer step, to a floor
-    of 0.03/K, while the last step's weight grows by the same total so the weights keep
-    summing to one; afterwards they stay fixed. This reconstructs the schedule of the MAML++
-    reference code (the paper only says the weights are annealed towards the last step).
-
-    Args:
-      num_steps: K >= 1, the number of inner steps (one weight per step).
-      anneal_steps: outer steps over which the weights anneal (values < 1 count as 1).
-      count: the number of outer steps taken so far (an int scalar, may be traced).
-
-    Returns:
-      A float32 array of shape ``[num_steps]``, non-negative and summing to one.
-
-    Example:
-      >>> import metagrad as mg
-      >>> print([round(float(w), 4) for w in mg.maml_pp_weights(4, 100, 0)])
-      [0.25, 0.25, 0.25, 0.25]
-      >>> print([round(float(w), 4) for w in mg.maml_pp_weights(4, 100, 100)])
-      [0.0075, 0.0075, 0.0075, 0.9775]
-
-    References:
-      Antoniou, Edwards, Storkey, `How to train your MAML
-      <https://arxiv.org/abs/1810.09502>`_, ICLR 2019.
-    """
-    k = num_steps
-    count = jnp.asarray(count, jnp.float32)
-    floor = 0.03 / k
-    decay = 1.0 / k / max(anneal_steps, 1)
-    inter = jnp.maximum(1.0 / k - count * decay, floor)
-    last = jnp.minimum(1.0 / k + count * (k - 1) * decay, 1.0 - (k - 1) * floor)
-    return jnp.concatenate([jnp.full((k - 1,), inter), last[None]])
 
 
 def _split_inexact(tree: Any) -> tuple[list, Callable[[list], Any]]:
@@ -394,7 +364,7 @@ def maml(
         istate = None if reset_inner_state else mean_over_tasks(istate, axis_name)
         if axis_name is not None:
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
-        metrics["meta_grad_norm"] = optax.tree.norm(grads)
+        metrics["meta_grad_norm"] = global_norm(grads)
         updates, outer_state = outer.update(grads, state.outer_state, diff)
         params, inner_params = optax.apply_updates(diff, updates)
         new_state = MAMLState(
@@ -434,55 +404,3 @@ def maml(
         return adapt_jit(state, support, _checks.positive_int("num_steps", num_steps))
 
     return MetaLearner(init=init, step=jax.jit(step), adapt=adapt)
-
-
-def fomaml(
-    loss_fn: LossFn,
-    inner: optax.GradientTransformation | InnerRule,
-    inner_steps: int,
-    outer: float | optax.Schedule | optax.GradientTransformation,
-    **kwargs: Any,
-) -> MetaLearner:
-    """First-order MAML: `maml` with ``first_order=True``.
-
-    The meta-gradient is ``mean_t ∇L_t^q(θ_t)``, the query gradient at the adapted params,
-    with the inner gradients treated as constants (no Hessian terms).
-    Learned inner-rule parameters (Meta-SGD rates, grad_share's m_k and λ_k) still need a
-    backward pass through the inner loop, but only through the rule's arithmetic: the inner
-    gradients are constants there. Non-finite values are handled as in `maml`.
-
-    Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``.
-      inner: an optax transformation or an `InnerRule`, as in `maml`.
-      inner_steps: number of inner steps (>= 1).
-      outer: the optax optimizer applied to the meta-gradient, or a step size (a float or an
-        optax schedule) meaning ``optax.sgd(outer)``.
-      **kwargs: the other keyword arguments of `maml` (not `first_order`).
-
-    Returns:
-      A `MetaLearner`, as `maml`.
-
-    Example:
-      >>> import jax.numpy as jnp, optax, metagrad as mg
-      >>> loss = lambda p, b: jnp.mean((b[0] * p - b[1]) ** 2)
-      >>> learner = mg.fomaml(loss, optax.sgd(0.1), 2, optax.sgd(0.1))
-      >>> state = learner.init(jnp.zeros(()))
-      >>> x = jnp.ones((3, 4))
-      >>> state, metrics = learner.step(state, ((x, 2 * x), (x, 2 * x)))
-      >>> round(float(metrics["loss"]), 2)
-      1.64
-
-    References:
-      Finn et al., `Model-Agnostic Meta-Learning <https://arxiv.org/abs/1703.03400>`_,
-      2017, Section 5.2 (first-order approximation).
-    """
-    if "first_order" in kwargs:
-        raise TypeError("first_order is fixed to True by fomaml; use maml to choose it")
-    return maml(loss_fn, inner, inner_steps, outer, first_order=True, **kwargs)
-
-
-# `fomaml` forwards maml's keywords: show them in its signature (help(), IDEs, inspect).
-_MAML_SIGNATURE = inspect.signature(maml)
-fomaml.__signature__ = _MAML_SIGNATURE.replace(
-    parameters=[p for p in _MAML_SIGNATURE.parameters.values() if p.name != "first_order"]
-)

@@ -27,7 +27,7 @@ import optax
 from metagrad._src import checks as _checks
 from metagrad._src import loops as _loops
 from metagrad._src.adapt import adapt, inner_loop, to_varying
-from metagrad._src.base import MetaLearner, keep_if_finite, mean_over_tasks
+from metagrad._src.base import MetaLearner, global_norm, keep_if_finite, mean_over_tasks
 from metagrad._src.diagnostics import mean_pairwise_cosine
 from metagrad._src.maml_loop import check_alignment, check_loss, check_tasks
 
@@ -208,7 +208,7 @@ def reptile(
             "loss": loss_post,
             "loss_pre": jnp.mean(losses[:, 0]),
             "loss_post": loss_post,
-            "meta_grad_norm": optax.tree.norm(meta_grad),
+            "meta_grad_norm": global_norm(meta_grad),
         }
         if alignment:
             metrics["alignment"] = mean_pairwise_cosine(first_grads)

@@ -23,7 +23,7 @@ import optax
 from metagrad._src import checks as _checks
 from metagrad._src import loops as _loops
 from metagrad._src.adapt import adapt, inner_loop
-from metagrad._src.base import MetaLearner, keep_if_finite
+from metagrad._src.base import MetaLearner, global_norm, keep_if_finite
 from metagrad._src.diagnostics import mean_pairwise_cosine, task_gradients
 from metagrad._src.reptile import ReptileState
 
@@ -203,7 +203,7 @@ def seq_reptile(
         metrics = {
             "loss": jnp.mean(losses),
             "loss_pre": losses[0],
-            "meta_grad_norm": optax.tree.norm(meta_grad),
+            "meta_grad_norm": global_norm(meta_grad),
         }
         if alignment:
             grads = task_gradients(tagged_loss, phi, tagged)
