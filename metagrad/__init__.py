@@ -29,6 +29,17 @@ from metagrad._src.maml import MAMLState as MAMLState
 from metagrad._src.maml import fomaml as fomaml
 from metagrad._src.maml import maml as maml
 from metagrad._src.maml import maml_pp_weights as maml_pp_weights
+from metagrad._src.mtl.aligned_mtl import aligned_mtl as aligned_mtl
+from metagrad._src.mtl.cagrad import cagrad as cagrad
+from metagrad._src.mtl.config import config as config
+from metagrad._src.mtl.dualproj import dualproj as dualproj
+from metagrad._src.mtl.graddrop import GradDropState as GradDropState
+from metagrad._src.mtl.graddrop import graddrop as graddrop
+from metagrad._src.mtl.imtl_g import imtl_g as imtl_g
+from metagrad._src.mtl.mgda import mgda as mgda
+from metagrad._src.mtl.nash_mtl import NashMTLState as NashMTLState
+from metagrad._src.mtl.nash_mtl import nash_mtl as nash_mtl
+from metagrad._src.mtl.upgrad import upgrad as upgrad
 from metagrad._src.mtl.surgery import GradVacState as GradVacState
 from metagrad._src.mtl.surgery import PCGradState as PCGradState
 from metagrad._src.mtl.surgery import gradvac as gradvac
@@ -49,6 +60,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DotProdState",
+    "GradDropState",
     "GradNormState",
     "GradShareCarry",
     "GradShareParams",
@@ -56,27 +68,36 @@ __all__ = [
     "InnerRule",
     "MAMLState",
     "MetaLearner",
+    "NashMTLState",
     "PCGradState",
     "RecAdamState",
     "ReptileOuterState",
     "ReptileState",
     "adapt",
+    "aligned_mtl",
+    "cagrad",
+    "config",
     "dotprod",
+    "dualproj",
     "fd_hvp",
     "fd_step",
     "fomaml",
     "grad_share",
+    "graddrop",
     "gradnorm",
     "gradvac",
     "hvp",
+    "imtl_g",
     "learned_lr",
     "maml",
     "maml_pp_weights",
     "mean_pairwise_cosine",
     "meta_sgd",
+    "mgda",
     "mixed_probs",
     "mixed_schedule",
     "mtl_sum",
+    "nash_mtl",
     "pairwise_cosine",
     "pairwise_dot",
     "pcgrad",
@@ -88,4 +109,5 @@ __all__ = [
     "task_gradients",
     "task_probs",
     "uniform_tasks",
+    "upgrad",
 ]
