@@ -102,7 +102,11 @@ def graddrop(*, seed: int | jax.Array = 0, leak: Any = 0.0) -> optax.GradientTra
             u = jax.random.uniform(jax.random.fold_in(sub, n), purity.shape, purity.dtype)
             keep = ((purity > u) & (g32 > 0)) | ((purity < u) & (g32 < 0))
             lk = jnp.reshape(jnp.asarray(leak, g32.dtype), (-1,) + (1,) * (g.ndim - 1))
-            out.append(jnp.sum((lk + (1 - lk) * keep) * g32, axis=0).astype(g.dtype))
+            summed = jnp.sum((lk + (1 - lk) * keep) * g32, axis=0)
+            # A non-finite entry fails every comparison, so its mask is 0 and it would vanish:
+            # pass it on instead, for the guard after the aggregator.
+            summed = jnp.where(jnp.isfinite(size), summed, size)
+            out.append(summed.astype(g.dtype))
         out = jax.tree.unflatten(treedef, out)
         new_state = GradDropState(count=optax.safe_increment(state.count), key=key)
         return out, keep_state_if_finite(out, new_state, state)

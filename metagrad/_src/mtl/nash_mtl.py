@@ -31,17 +31,15 @@ def bargaining_solution(gram: jax.Array, alpha0: jax.Array, max_iters: int, tol)
     Its gradient is Gα − 1/α, so its minimiser is the bargaining solution. The function is
     self-concordant, so the damped step α + Δ/(1 + λ) (λ the Newton decrement) stays positive
     and converges from any positive start; the full step is taken once λ < 1/4. Stops when
-    ‖Gα − 1/α‖ <= tol·√T or after `max_iters` steps.
+    ‖Gα − 1/α‖ <= tol·‖1/α‖ or after `max_iters` steps.
     """
-    num = gram.shape[0]
-
     def residual(alpha):
         return jnp.matmul(gram, alpha, precision=_gram.EXACT) - 1.0 / alpha
 
     def cond(carry):
         alpha, it = carry
         r = residual(alpha)
-        return (it < max_iters) & (jnp.sqrt(jnp.dot(r, r)) > tol * jnp.sqrt(num))
+        return (it < max_iters) & (jnp.sqrt(jnp.dot(r, r)) > tol * jnp.linalg.norm(1.0 / alpha))
 
     def body(carry):
         alpha, it = carry
@@ -64,7 +62,7 @@ def nash_mtl(
     max_norm: float = 1.0,
     update_weights_every: int = 1,
     max_iters: int = 20,
-    tol: float = 1e-7,
+    tol: float = 1e-9,
     reg_eps: float = 1e-8,
     axis_name: Any = None,
 ) -> optax.GradientTransformation:
@@ -76,7 +74,7 @@ def nash_mtl(
     Gram matrix Ĝ = G / ‖G‖_F (+ `reg_eps`·I, so that a zero gradient keeps α finite), warm
     started from the previous step's α (initially ones); here by damped Newton on
     ½ αᵀĜα − Σ log α (a jittable iterative solver instead of the paper's sequence of cvxpy
-    problems; it reaches ‖Ĝα − 1/α‖ <= `tol`·√T, tighter than their stopping test). Then, as
+    problems; it stops at ‖Ĝα − 1/α‖ <= `tol`·‖1/α‖, tighter than their stopping test). Then, as
     TorchJD's ``NashMTL`` and the official code's gradient clipping, if ‖d‖ = √(αᵀGα) exceeds
     `max_norm` > 0, α is scaled so that ‖d‖ = `max_norm`. With `update_weights_every` = k the
     weights are solved every k-th call and reused in between (TorchJD's ``update_weights_every``,
@@ -90,7 +88,8 @@ def nash_mtl(
       max_norm: the largest norm of the update; 0 disables the clipping.
       update_weights_every: solve every this many calls (>= 1).
       max_iters: Newton steps per solve.
-      tol: stopping tolerance on the bargaining residual.
+      tol: stopping tolerance on the relative bargaining residual (in float32 the solver
+        usually runs its `max_iters` steps).
       reg_eps: added to the diagonal of the normalised Gram matrix.
       axis_name: device axis over which the parameters are sharded, or None.
 

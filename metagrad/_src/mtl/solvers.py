@@ -118,6 +118,35 @@ def simplex_minimize(
     return x
 
 
+def polish_min_norm(gram: jax.Array, alpha: jax.Array) -> jax.Array:
+    """The exact min-norm weights on the support of `alpha`, if they certify optimality.
+
+    On the support S of an approximate solution (FISTA's iterates have exact zeros), solves the
+    KKT system of min αᵀGα on {Σα = 1, α_{not S} = 0}: G_SS α_S = λ1, Σα_S = 1. The result is
+    returned when it is finite, non-negative and optimal outside S ((Gα)_j >= λ for j not in
+    S): then it is the exact minimiser. Otherwise `alpha` is returned unchanged.
+    """
+    num = gram.shape[0]
+    free = alpha > 0
+    eye = jnp.eye(num, dtype=gram.dtype)
+    kkt = jnp.zeros((num + 1, num + 1), gram.dtype)
+    kkt = kkt.at[:num, :num].set(jnp.where(free[:, None] & free[None, :], gram, eye))
+    ones = free.astype(gram.dtype)
+    kkt = kkt.at[:num, num].set(-ones).at[num, :num].set(ones)
+    rhs = jnp.zeros((num + 1,), gram.dtype).at[num].set(1.0)
+    sol = jnp.linalg.solve(kkt, rhs)
+    exact, lam = jnp.where(free, sol[:num], 0.0), sol[num]
+    g_exact = _mv(gram, exact)
+    tol = 1e3 * jnp.finfo(gram.dtype).eps * jnp.maximum(jnp.max(jnp.abs(gram)), 1e-30)
+    ok = (
+        jnp.all(jnp.isfinite(sol))
+        & jnp.all(exact >= 0)
+        & jnp.all(jnp.where(free, True, g_exact >= lam - tol))
+        & (jnp.dot(exact, g_exact) <= jnp.dot(alpha, _mv(gram, alpha)) + tol)
+    )
+    return jnp.where(ok, exact, alpha)
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-negative QP: active set.
 
