@@ -23,6 +23,7 @@ import pytest
 from scipy import optimize
 
 import metagrad as mg
+from tests.conformance_methods import FAST_COMPILE
 from tests.helpers import run_on_four_devices
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -48,7 +49,7 @@ def _flat(out):
 @functools.cache
 def _compiled(name, kwargs):
     tx = getattr(mg, name)(**dict(kwargs))
-    return tx, jax.jit(tx.update)
+    return tx, jax.jit(tx.update, compiler_options=FAST_COMPILE)
 
 
 def _run(name, j, state=None, **kwargs):
@@ -92,7 +93,7 @@ def test_mgda_two_tasks_closed_form(solver, seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_mgda_is_the_min_norm_point_of_the_hull(seed):
-    j = _matrix(seed, tasks=5)
+    j = _matrix(seed)
     d, _ = _run("mgda", j)
     ref = _min_norm_scipy(j)
     np.testing.assert_allclose(d, ref, atol=1e-6 * np.abs(j).max())
@@ -101,13 +102,13 @@ def test_mgda_is_the_min_norm_point_of_the_hull(seed):
 
 
 def test_mgda_frank_wolfe_is_the_papers_algorithm_2():
-    j = _matrix(3, tasks=6)
+    j = _matrix(3)
     g = j @ j.T
     # Algorithm 2 (as TorchJD's MGDAWeighting), transcribed.
-    alpha = np.full(6, 1 / 6)
+    alpha = np.full(4, 1 / 4)
     for _ in range(100):
         t = np.argmin(g @ alpha)
-        e = np.eye(6)[t]
+        e = np.eye(4)[t]
         a, b, c = alpha @ g @ e, alpha @ g @ alpha, e @ g @ e
         gamma = 1.0 if c <= a else (0.0 if b <= a else (b - a) / (b + c - 2 * a))
         alpha = (1 - gamma) * alpha + gamma * e
@@ -152,11 +153,11 @@ def _cagrad_reference(j, c):
     return g0 + phi / np.linalg.norm(gw) * gw
 
 
-@pytest.mark.parametrize("c", [0.0, 0.4, 0.9])
+@pytest.mark.parametrize("c", [0.0, 0.5, 0.9])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_cagrad_matches_official_algorithm(c, seed):
-    j = _matrix(seed, tasks=4)
-    d, _ = _run("cagrad", j, c=c, max_iters=500)
+    j = _matrix(seed)
+    d, _ = _run("cagrad", j, c=c)
     ref = _cagrad_reference(j, c)
     np.testing.assert_allclose(d, ref, atol=2e-5 * np.abs(ref).max())
     # The primal: d is on the ball ||d - g0|| = c ||g0||.
@@ -165,7 +166,7 @@ def test_cagrad_matches_official_algorithm(c, seed):
 
 
 def test_cagrad_rescale_options():
-    j = _matrix(5, tasks=3)
+    j = _matrix(5)
     base, _ = _run("cagrad", j, c=0.5)
     sq, _ = _run("cagrad", j, c=0.5, rescale="c_squared")
     lin, _ = _run("cagrad", j, c=0.5, rescale="c")
@@ -174,7 +175,7 @@ def test_cagrad_rescale_options():
 
 
 def test_cagrad_raises_the_worst_task_above_the_mean():
-    j = _matrix(6, tasks=3)
+    j = _matrix(6)
     d, _ = _run("cagrad", j, c=0.5)
     g0 = j.mean(0)
     assert np.min(j @ d) > np.min(j @ g0)
@@ -185,7 +186,7 @@ def test_cagrad_raises_the_worst_task_above_the_mean():
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_nash_mtl_bargaining_first_order_conditions(seed):
-    j = _matrix(seed, tasks=4, dim=9)
+    j = _matrix(seed)
     d, state = _run("nash_mtl", j, num_tasks=4, max_norm=0.0, reg_eps=0.0)
     g = j @ j.T
     gn = g / np.linalg.norm(g)
@@ -205,14 +206,14 @@ def test_nash_mtl_bargaining_first_order_conditions(seed):
 
 
 def test_nash_mtl_max_norm_and_update_every():
-    j = _matrix(7, tasks=3, dim=9)
-    nash = dict(num_tasks=3, max_norm=0.5, update_weights_every=2)
+    j = _matrix(7)
+    nash = dict(num_tasks=4, max_norm=0.5, update_weights_every=2, reg_eps=0.0)
     d, state = _run("nash_mtl", j, **nash)
     np.testing.assert_allclose(np.linalg.norm(d), 0.5, rtol=1e-9)
-    unclipped, _ = _run("nash_mtl", j, num_tasks=3, max_norm=0.0)
+    unclipped, _ = _run("nash_mtl", j, num_tasks=4, max_norm=0.0, reg_eps=0.0)
     np.testing.assert_allclose(d, unclipped * 0.5 / np.linalg.norm(unclipped), rtol=1e-8)
     # Second call (count 1): the weights of the first call, on new gradients.
-    j2 = _matrix(8, tasks=3, dim=9)
+    j2 = _matrix(8)
     d2, state2 = _run("nash_mtl", j2, state, **nash)
     alpha = np.asarray(state.alpha)
     ref = alpha @ j2
@@ -225,9 +226,9 @@ def test_nash_mtl_max_norm_and_update_every():
 # -- IMTL-G --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tasks", [2, 3, 5])
+@pytest.mark.parametrize("tasks", [2, 4])
 def test_imtl_g_matches_papers_closed_form(tasks):
-    j = _matrix(tasks, tasks=tasks, dim=8)
+    j = _matrix(tasks, tasks=tasks)
     u = j / np.linalg.norm(j, axis=1, keepdims=True)
     # Liu et al. (2021), Eq. 6-7: alpha_{2:T} = g_1 U^T (D U^T)^{-1}, rows U_i = u_1 - u_i,
     # D_i = g_1 - g_i; alpha_1 = 1 - sum(alpha_{2:T}).
@@ -260,14 +261,14 @@ def _aligned_reference(j, scale_mode, weights):
 @pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_aligned_mtl_matches_svd_reference(scale_mode, reduction):
-    j = _matrix(9, tasks=4, dim=6)
+    j = _matrix(9)
     w = np.full(4, 0.25 if reduction == "mean" else 1.0)
     d, _ = _run("aligned_mtl", j, scale_mode=scale_mode, reduction=reduction)
     np.testing.assert_allclose(d, _aligned_reference(j, scale_mode, w), rtol=1e-8, atol=1e-12)
 
 
 def test_aligned_mtl_rank_deficient():
-    j = _matrix(10, tasks=4, dim=6)
+    j = _matrix(10)
     j[3] = j[0] + 2 * j[2]  # rank 3
     d, _ = _run("aligned_mtl", j)
     np.testing.assert_allclose(d, _aligned_reference(j, "min", np.full(4, 0.25)), atol=1e-8)
@@ -289,7 +290,7 @@ def _project_dual_cone_scipy(j, x):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_upgrad_is_the_mean_of_the_projections(seed, reduction):
-    j = _matrix(seed, tasks=4, dim=7)
+    j = _matrix(seed)
     d, _ = _run("upgrad", j, reg_eps=0.0, reduction=reduction)
     projections = np.stack([_project_dual_cone_scipy(j, g) for g in j])
     ref = projections.mean(0) if reduction == "mean" else projections.sum(0)
@@ -299,7 +300,7 @@ def test_upgrad_is_the_mean_of_the_projections(seed, reduction):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_dualproj_is_the_projected_mean(seed):
-    j = _matrix(seed, tasks=4, dim=7)
+    j = _matrix(seed)
     d, _ = _run("dualproj", j, reg_eps=0.0)
     np.testing.assert_allclose(d, _project_dual_cone_scipy(j, j.mean(0)), atol=1e-7)
     assert np.all(j @ d >= -1e-10)
@@ -308,11 +309,11 @@ def test_dualproj_is_the_projected_mean(seed):
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
 def test_dual_cone_default_regularisation(name):
     # TorchJD's defaults (reg 1e-4 on the trace-normalised Gram): conflicts only up to it.
-    j = _matrix(11, tasks=5, dim=8)
+    j = _matrix(11)
     d, _ = _run(name, j)
     assert np.all(j @ d >= -1e-4 * np.trace(j @ j.T) * np.abs(d).max())
     # Without conflicts both are the plain mean.
-    k = np.abs(_matrix(12, tasks=3, dim=5, conflict=False))
+    k = np.abs(_matrix(12, conflict=False))
     d, _ = _run(name, k)
     np.testing.assert_allclose(d, k.mean(0), rtol=1e-12)
 
@@ -338,11 +339,11 @@ def test_config_matches_paper_formula(tasks):
 
 
 def test_graddrop_matches_algorithm_with_the_same_draws():
-    j = _matrix(30, tasks=3, dim=7)
-    d, state = _run("graddrop", j, seed=5, leak=[0.0, 0.5, 0.2])
+    j = _matrix(30)
+    d, state = _run("graddrop", j, seed=5, leak=[0.0, 0.5, 0.2, 1.0])
     # The draws: the state's key split, folded with each leaf's index (documented).
     _, sub = jax.random.split(jax.random.PRNGKey(5))
-    leak = np.array([0.0, 0.5, 0.2])
+    leak = np.array([0.0, 0.5, 0.2, 1.0])
     ref = []
     for n, (lo, hi) in enumerate([(0, 3), (3, 7)]):
         g = j[:, lo:hi]
@@ -357,7 +358,7 @@ def test_graddrop_matches_algorithm_with_the_same_draws():
 def test_graddrop_keeps_one_sign_with_probability_purity():
     g = jnp.array([[1.0, 2.0, -1.0], [3.0, -1.0, -2.0]])
     tx = mg.graddrop(seed=0)
-    step = jax.jit(tx.update)
+    step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
     state = tx.init(jnp.zeros(3))
     outs = []
     for _ in range(400):
@@ -379,7 +380,7 @@ GRAM_PATH = {
     "mgda": ("mgda", {}),
     "mgda_fw": ("mgda", {"solver": "frank_wolfe"}),
     "cagrad": ("cagrad", {"c": 0.5}),
-    "nash_mtl": ("nash_mtl", {"num_tasks": 3}),
+    "nash_mtl": ("nash_mtl", {"num_tasks": 4, "max_norm": 0.0, "reg_eps": 0.0}),
     "imtl_g": ("imtl_g", {}),
     "aligned_mtl": ("aligned_mtl", {}),
     "upgrad": ("upgrad", {}),
@@ -391,7 +392,7 @@ GRAM_PATH = {
 def test_gram_path_methods_see_gradients_only_through_the_gram_matrix():
     # Rotating every task gradient by the same orthogonal map Q keeps G, so the output
     # rotates with it: d(JQ) = d(J) Q. (Graddrop is coordinate-wise and does not.)
-    j = _matrix(40, tasks=3, dim=7)
+    j = _matrix(40)
     q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(7, 7)))
     for name, (method, kwargs) in GRAM_PATH.items():
         d, _ = _run(method, j, **kwargs)
@@ -400,9 +401,9 @@ def test_gram_path_methods_see_gradients_only_through_the_gram_matrix():
 
 
 def test_non_finite_input_keeps_state():
-    j = _matrix(41, tasks=3, dim=7)
+    j = _matrix(41)
     j[1, 2] = np.nan
-    for name, kwargs in (("nash_mtl", {"num_tasks": 3}), ("graddrop", {"seed": 1})):
+    for name, kwargs in (GRAM_PATH["nash_mtl"], ("graddrop", {"seed": 1})):
         state0 = getattr(mg, name)(**kwargs).init(jax.tree.map(lambda x: x[0], _tree(j)))
         out, state = _run(name, j, state0, **kwargs)
         assert not np.all(np.isfinite(out))
@@ -463,6 +464,11 @@ def test_bad_input(call, error, match):
 SCRIPT = textwrap.dedent(
     """
     import json
+    import os
+
+    # Many small programs: XLA's backend optimisations cost more than they save here.
+    os.environ["XLA_FLAGS"] += (
+        " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
     import jax
     import jax.numpy as jnp

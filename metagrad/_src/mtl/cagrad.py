@@ -42,7 +42,8 @@ def cagrad(
 
     Everything is on the Gram matrix: ⟨g_w, g₀⟩ = wᵀG1/T, ‖g_w‖² = wᵀGw. The dual is solved by
     FISTA on the simplex (`max_iters` steps; the paper and TorchJD use scipy / cvxpy) on the
-    trace-normalised G, with √(‖g_w‖² + 1e-12) for the norm. c = 0 gives the mean gradient;
+    trace-normalised G, with √(‖g_w‖² + 1e-12) for the norm, then a few Newton steps on the
+    face of the simplex FISTA found (kept if they lower the objective). c = 0 gives the mean gradient;
     as c → ∞ the direction tends to MGDA's.
 
     Scale (`rescale`): ``"none"`` (default) returns d itself, as TorchJD's ``CAGrad``;
@@ -93,6 +94,7 @@ def cagrad(
             return jnp.dot(w, g0_dot) + radius * jnp.sqrt(jnp.maximum(quad, 0.0) + 1e-12)
 
         w = _solvers.simplex_minimize(dual, mean, max_iters)
+        w = _solvers.polish_on_support(dual, w)
         gw_norm = jnp.sqrt(jnp.maximum(jnp.dot(w, jnp.matmul(scaled, w)), 0.0))
         ok = gw_norm >= norm_eps
         weights = mean + (radius / jnp.where(ok, gw_norm, 1.0)) * w

@@ -43,9 +43,9 @@ def mgda(
     Solvers:
 
     - ``"fista"`` (default): accelerated projected gradient on the simplex (`max_iters`
-      default 200), then the KKT system solved exactly on the support it found, kept when it
-      certifies optimality: the exact min-norm point up to round-off once FISTA has found the
-      support (else FISTA's iterate).
+      default 200), then the KKT system solved exactly on the support it found (kept when it
+      lowers the norm): the exact min-norm point up to round-off once FISTA has found the
+      support (not always so near a Pareto-stationary point, where the norm tends to 0).
     - ``"frank_wolfe"``: the paper's Algorithm 2 (Frank-Wolfe with the exact line search), and
       TorchJD's ``MGDA(epsilon=tol, max_iters)`` step for step: stops after a step γ < `tol`
       (default 1e-3) or `max_iters` (default 100) steps. Cheaper but coarse: Frank-Wolfe
@@ -92,6 +92,6 @@ def mgda(
         alpha0 = jnp.full((num,), 1.0 / num, gram.dtype)
         objective = lambda a: jnp.dot(a, jnp.matmul(scaled, a, precision=_solvers.EXACT))
         alpha = _solvers.simplex_minimize(objective, alpha0, max_iters)
-        return _solvers.polish_min_norm(scaled, alpha), state
+        return _solvers.polish_on_support(objective, alpha, steps=1), state
 
     return _gram.gram_aggregator("mgda", weights_fn, axis_name=axis_name)

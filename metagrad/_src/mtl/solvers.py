@@ -7,7 +7,8 @@ iterations (`jax.lax.while_loop` with a counter), so it traces once, runs under 
 - `frank_wolfe_min_norm`: the minimum-norm point of the convex hull of the task gradients,
   Algorithm 2 of Sener & Koltun (2018), line search in closed form (MGDA).
 - `simplex_minimize`: FISTA with backtracking and the Euclidean projection onto the simplex,
-  for a smooth convex objective of the weights (CAGrad's dual).
+  for a smooth convex objective of the weights (MGDA, CAGrad's dual), and `polish_on_support`,
+  Newton steps on the face of the simplex FISTA found, which make the result exact.
 - `nonneg_qp`: min ½ zᵀGz + cᵀz subject to z >= 0 by a primal active-set method (the QP
   analogue of Lawson & Hanson's NNLS), exact up to round-off in finitely many steps; the
   projections onto the dual cone of UPGrad and DualProj.
@@ -118,33 +119,36 @@ def simplex_minimize(
     return x
 
 
-def polish_min_norm(gram: jax.Array, alpha: jax.Array) -> jax.Array:
-    """The exact min-norm weights on the support of `alpha`, if they certify optimality.
+def polish_on_support(
+    f: Callable[[jax.Array], jax.Array], w: jax.Array, steps: int = 4
+) -> jax.Array:
+    """Newton steps for a smooth convex `f` on the face of the simplex where `w` lives.
 
-    On the support S of an approximate solution (FISTA's iterates have exact zeros), solves the
-    KKT system of min αᵀGα on {Σα = 1, α_{not S} = 0}: G_SS α_S = λ1, Σα_S = 1. The result is
-    returned when it is finite, non-negative and optimal outside S ((Gα)_j >= λ for j not in
-    S): then it is the exact minimiser. Otherwise `alpha` is returned unchanged.
+    FISTA's iterates have exact zeros (the projection makes them), so once it has found the
+    support S of the minimiser, what is left is an equality-constrained problem on S: each step
+    solves the KKT system [H_SS 1; 1ᵀ 0] [Δ; ν] = [−∇f_S; 0] (H the Hessian). For a quadratic
+    (MGDA) one step is exact. The result is kept when it is finite, in the simplex and no
+    worse than `w` (so a wrong support costs nothing); otherwise `w` is returned.
     """
-    num = gram.shape[0]
-    free = alpha > 0
-    eye = jnp.eye(num, dtype=gram.dtype)
-    kkt = jnp.zeros((num + 1, num + 1), gram.dtype)
-    kkt = kkt.at[:num, :num].set(jnp.where(free[:, None] & free[None, :], gram, eye))
-    ones = free.astype(gram.dtype)
-    kkt = kkt.at[:num, num].set(-ones).at[num, :num].set(ones)
-    rhs = jnp.zeros((num + 1,), gram.dtype).at[num].set(1.0)
-    sol = jnp.linalg.solve(kkt, rhs)
-    exact, lam = jnp.where(free, sol[:num], 0.0), sol[num]
-    g_exact = _mv(gram, exact)
-    tol = 1e3 * jnp.finfo(gram.dtype).eps * jnp.maximum(jnp.max(jnp.abs(gram)), 1e-30)
-    ok = (
-        jnp.all(jnp.isfinite(sol))
-        & jnp.all(exact >= 0)
-        & jnp.all(jnp.where(free, True, g_exact >= lam - tol))
-        & (jnp.dot(exact, g_exact) <= jnp.dot(alpha, _mv(gram, alpha)) + tol)
-    )
-    return jnp.where(ok, exact, alpha)
+    num = w.shape[0]
+    free = w > 0
+    eye = jnp.eye(num, dtype=w.dtype)
+    ones = free.astype(w.dtype)
+
+    def newton(_, x):
+        grad, hess = jax.grad(f)(x), jax.hessian(f)(x)
+        kkt = jnp.zeros((num + 1, num + 1), w.dtype)
+        kkt = kkt.at[:num, :num].set(jnp.where(free[:, None] & free[None, :], hess, eye))
+        kkt = kkt.at[:num, num].set(ones).at[num, :num].set(ones)
+        rhs = jnp.concatenate([jnp.where(free, -grad, 0.0), jnp.zeros((1,), w.dtype)])
+        step = jnp.linalg.solve(kkt, rhs)[:num]
+        return x + jnp.where(free, step, 0.0)
+
+    new = jax.lax.fori_loop(0, steps, newton, w)
+    new = jnp.where(free, new, 0.0)
+    new = new / jnp.sum(new)  # round-off on the sum
+    ok = jnp.all(jnp.isfinite(new)) & jnp.all(new >= 0) & (f(new) <= f(w))
+    return jnp.where(ok, new, w)
 
 
 # ---------------------------------------------------------------------------------------------
