@@ -19,6 +19,7 @@ SECTIONS = {
     "reptile": "experiments.bench_reptile",
     "grad_share": "experiments.bench_grad_share",
     "real_models": "experiments.bench_real_models",
+    "aggregators": "experiments.bench_aggregators",
 }
 
 

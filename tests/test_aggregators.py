@@ -347,7 +347,7 @@ def test_graddrop_matches_algorithm_with_the_same_draws():
     ref = []
     for n, (lo, hi) in enumerate([(0, 3), (3, 7)]):
         g = j[:, lo:hi]
-        u = np.asarray(jax.random.uniform(jax.random.fold_in(sub, n), (hi - lo,)))
+        u = np.asarray(jax.random.uniform(jax.random.fold_in(sub, n), (hi - lo,), jnp.float32))
         p = 0.5 * (1 + g.sum(0) / np.abs(g).sum(0))  # Chen et al., Algorithm 1
         mask = (p > u) * (g > 0) + (p < u) * (g < 0)
         ref.append(((leak[:, None] + (1 - leak[:, None]) * mask) * g).sum(0))

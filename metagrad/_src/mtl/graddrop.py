@@ -99,7 +99,8 @@ def graddrop(*, seed: int | jax.Array = 0, leak: Any = 0.0) -> optax.GradientTra
             g32 = g.astype(jnp.promote_types(g.dtype, jnp.float32))
             total, size = jnp.sum(g32, axis=0), jnp.sum(jnp.abs(g32), axis=0)
             purity = 0.5 * (1.0 + total / jnp.where(size > 0, size, 1.0))
-            u = jax.random.uniform(jax.random.fold_in(sub, n), purity.shape, purity.dtype)
+            # Drawn in float32 whatever the dtype, so that every dtype sees the same draws.
+            u = jax.random.uniform(jax.random.fold_in(sub, n), purity.shape, jnp.float32)
             keep = ((purity > u) & (g32 > 0)) | ((purity < u) & (g32 < 0))
             lk = jnp.reshape(jnp.asarray(leak, g32.dtype), (-1,) + (1,) * (g.ndim - 1))
             summed = jnp.sum((lk + (1 - lk) * keep) * g32, axis=0)

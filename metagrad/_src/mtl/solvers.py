@@ -100,7 +100,9 @@ def simplex_minimize(
             lips_, x_new, k = c
             d = x_new - y
             upper = fy + jnp.dot(gy, d) + 0.5 * lips_ * jnp.dot(d, d)
-            return (f(x_new) > upper + 1e-12 * jnp.abs(fy)) & (k < 40)
+            # Slack for round-off in f (else, near the minimum in float32, L would blow up).
+            slack = 10 * jnp.finfo(fy.dtype).eps * jnp.abs(fy)
+            return (f(x_new) > upper + slack) & (k < 40)
 
         def grow(c):
             lips_, _, k = c
@@ -131,7 +133,8 @@ def polish_on_support(
     worse than `w` (so a wrong support costs nothing); otherwise `w` is returned.
     """
     num = w.shape[0]
-    free = w > 0
+    # The support; weights within round-off of 0 are taken as 0.
+    free = w > 10 * jnp.finfo(w.dtype).eps * jnp.max(w)
     eye = jnp.eye(num, dtype=w.dtype)
     ones = free.astype(w.dtype)
 
@@ -147,7 +150,8 @@ def polish_on_support(
     new = jax.lax.fori_loop(0, steps, newton, w)
     new = jnp.where(free, new, 0.0)
     new = new / jnp.sum(new)  # round-off on the sum
-    ok = jnp.all(jnp.isfinite(new)) & jnp.all(new >= 0) & (f(new) <= f(w))
+    slack = 10 * jnp.finfo(w.dtype).eps * jnp.abs(f(w))
+    ok = jnp.all(jnp.isfinite(new)) & jnp.all(new >= 0) & (f(new) <= f(w) + slack)
     return jnp.where(ok, new, w)
 
 
