@@ -68,6 +68,13 @@ def _aggregator(name, num_tasks):
     return getattr(mg, name)()
 
 
+def _task_gradients(loss, chunk):
+    def grads(params, batches):
+        return jax.lax.map(lambda b: jax.grad(loss)(params, b), batches, batch_size=chunk)
+
+    return jax.jit(grads)
+
+
 def _timed(fn, *args):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -82,11 +89,7 @@ def run(args) -> list[dict]:
         leaves = len(jax.tree.leaves(params))
         for num_tasks in args.agg_tasks:
             # Tasks vmapped in chunks of 10 (one bigger batch of the shared model per chunk).
-            grads_fn = jax.jit(
-                lambda p, batches: jax.lax.map(
-                    lambda b: jax.grad(loss)(p, b), batches, batch_size=min(num_tasks, 10)
-                )
-            )
+            grads_fn = _task_gradients(loss, min(num_tasks, 10))
             key = jax.random.PRNGKey(num_tasks)
             n = WAYS * IMAGES_PER_CLASS
             x = jax.random.normal(key, (num_tasks, n, *shape))

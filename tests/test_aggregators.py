@@ -18,7 +18,6 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from scipy import optimize
 

@@ -43,8 +43,8 @@ def cagrad(
     Everything is on the Gram matrix: ⟨g_w, g₀⟩ = wᵀG1/T, ‖g_w‖² = wᵀGw. The dual is solved by
     FISTA on the simplex (`max_iters` steps; the paper and TorchJD use scipy / cvxpy) on the
     trace-normalised G, with √(‖g_w‖² + 1e-12) for the norm, then a few Newton steps on the
-    face of the simplex FISTA found (kept if they lower the objective). c = 0 gives the mean gradient;
-    as c → ∞ the direction tends to MGDA's.
+    face of the simplex FISTA found (kept if they lower the objective). c = 0 gives the mean
+    gradient; as c → ∞ the direction tends to MGDA's.
 
     Scale (`rescale`): ``"none"`` (default) returns d itself, as TorchJD's ``CAGrad``;
     ``"c_squared"`` returns d / (1 + c²), the default of the official code and LibMTL

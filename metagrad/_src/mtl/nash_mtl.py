@@ -33,6 +33,7 @@ def bargaining_solution(gram: jax.Array, alpha0: jax.Array, max_iters: int, tol)
     and converges from any positive start; the full step is taken once λ < 1/4. Stops when
     ‖Gα − 1/α‖ <= tol·‖1/α‖ or after `max_iters` steps.
     """
+
     def residual(alpha):
         return jnp.matmul(gram, alpha, precision=_gram.EXACT) - 1.0 / alpha
 
