@@ -465,7 +465,9 @@ def test_battery_lists_every_public_method():
     rules = {m.name.split("/")[1] for m in cm.METHODS if "/" in m.name and m.kind != "transform"}
     # Public callables that are methods (transformations, learners, inner rules).
     methods = {"dotprod", "reptile_outer", "recadam", "mtl_sum", "pcgrad", "gradvac",
-               "gradnorm", "maml", "fomaml", "reptile", "seq_reptile"}  # fmt: skip
+               "gradnorm", "maml", "fomaml", "reptile", "seq_reptile", "mgda", "cagrad",
+               "nash_mtl", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "config",
+               "graddrop"}  # fmt: skip
     assert methods <= covered
     assert {"sgd", "meta_sgd", "learned_lr", "grad_share"} <= rules
     not_methods = {"adapt", "fd_hvp", "fd_step", "hvp", "maml_pp_weights", "mean_pairwise_cosine",
