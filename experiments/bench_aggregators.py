@@ -9,7 +9,8 @@ For each model and number of tasks T, in one run:
 
 The models are the few-shot ones of `experiments.models`: Conv-4 (32 channels, 28×28×1
 images) and ResNet-12 (channels 64-160-320-640, 12.4M parameters, 32×32×3 images by default),
-each task a 5-way episode of 1 support and 15 query images per class (80 images). Times are
+each task a 5-way episode of 1 support and 15 query images per class (80 images;
+``--agg-per-class``). Times are
 the minimum over `--agg-rounds` rounds of one call each, the gradients and the aggregators
 interleaved in every round, so that a busy machine slows both alike. Images are random: the
 times do not depend on the pixels.
@@ -29,7 +30,7 @@ import optax
 import metagrad as mg
 from experiments.models import conv4_apply, conv4_init, resnet12_apply, resnet12_init
 
-WAYS, IMAGES_PER_CLASS = 5, 16  # 1 support + 15 queries per class
+WAYS = 5
 GRAM_PATH = ("mgda", "cagrad", "nash_mtl", "imtl_g", "aligned_mtl", "upgrad", "dualproj",
              "config")  # fmt: skip
 OTHERS = ("mtl_sum", "pcgrad", "graddrop")
@@ -43,6 +44,9 @@ def add_arguments(parser):
     )
     group.add_argument("--agg-rounds", type=int, default=3, help="timing rounds")
     group.add_argument("--agg-image", type=int, default=32, help="ResNet-12 image size")
+    group.add_argument(
+        "--agg-per-class", type=int, default=16, help="images per class of a task's episode"
+    )
 
 
 def _xent(logits, labels):
@@ -91,9 +95,9 @@ def run(args) -> list[dict]:
             # Tasks vmapped in chunks of 10 (one bigger batch of the shared model per chunk).
             grads_fn = _task_gradients(loss, min(num_tasks, 10))
             key = jax.random.PRNGKey(num_tasks)
-            n = WAYS * IMAGES_PER_CLASS
-            x = jax.random.normal(key, (num_tasks, n, *shape))
-            y = jnp.tile(jnp.repeat(jnp.arange(WAYS), IMAGES_PER_CLASS), (num_tasks, 1))
+            per_class = args.agg_per_class
+            x = jax.random.normal(key, (num_tasks, WAYS * per_class, *shape))
+            y = jnp.tile(jnp.repeat(jnp.arange(WAYS), per_class), (num_tasks, 1))
             grads = jax.block_until_ready(grads_fn(params, (x, y)))  # compiles
             methods = {}
             for name in GRAM_PATH + OTHERS:
@@ -113,7 +117,8 @@ def run(args) -> list[dict]:
             base = best["grads"]
             for name in ("gram", *methods):
                 rows.append({
-                    "model": f"{label} ({count / 1e6:.2f}M params, {leaves} leaves)",
+                    "model": f"{label} ({count / 1e6:.2f}M params, {leaves} leaves, "
+                             f"{shape[0]}x{shape[1]}x{shape[2]}, {WAYS * per_class} images/task)",
                     "T": num_tasks,
                     "method": name,
                     "path": "gram" if name in GRAM_PATH else "other",
