@@ -20,6 +20,7 @@ SECTIONS = {
     "grad_share": "experiments.bench_grad_share",
     "real_models": "experiments.bench_real_models",
     "memory": "experiments.bench_memory",
+    "aggregators": "experiments.bench_aggregators",
 }
 
 

@@ -27,14 +27,24 @@ from metagrad._src.inner_rules import meta_sgd as meta_sgd
 from metagrad._src.maml import MAMLState as MAMLState
 from metagrad._src.maml import maml as maml
 from metagrad._src.maml_pp import maml_pp_weights as maml_pp_weights
+from metagrad._src.mtl.aligned_mtl import aligned_mtl as aligned_mtl
+from metagrad._src.mtl.cagrad import cagrad as cagrad
+from metagrad._src.mtl.config import config as config
 from metagrad._src.mtl.db_mtl import DBMTLState as DBMTLState
 from metagrad._src.mtl.db_mtl import db_mtl as db_mtl
+from metagrad._src.mtl.dualproj import dualproj as dualproj
 from metagrad._src.mtl.dwa import DWAState as DWAState
 from metagrad._src.mtl.dwa import dwa as dwa
 from metagrad._src.mtl.famo import FAMOState as FAMOState
 from metagrad._src.mtl.famo import famo as famo
+from metagrad._src.mtl.graddrop import GradDropState as GradDropState
+from metagrad._src.mtl.graddrop import graddrop as graddrop
 from metagrad._src.mtl.gradnorm import GradNormState as GradNormState
 from metagrad._src.mtl.gradnorm import gradnorm as gradnorm
+from metagrad._src.mtl.imtl_g import imtl_g as imtl_g
+from metagrad._src.mtl.mgda import mgda as mgda
+from metagrad._src.mtl.nash_mtl import NashMTLState as NashMTLState
+from metagrad._src.mtl.nash_mtl import nash_mtl as nash_mtl
 from metagrad._src.mtl.recadam import RecAdamState as RecAdamState
 from metagrad._src.mtl.recadam import recadam as recadam
 from metagrad._src.mtl.rlw import RLWState as RLWState
@@ -46,6 +56,7 @@ from metagrad._src.mtl.surgery import mtl_sum as mtl_sum
 from metagrad._src.mtl.surgery import pcgrad as pcgrad
 from metagrad._src.mtl.uncertainty import UncertaintyWeightingState as UncertaintyWeightingState
 from metagrad._src.mtl.uncertainty import uncertainty_weighting as uncertainty_weighting
+from metagrad._src.mtl.upgrad import upgrad as upgrad
 from metagrad._src.reptile import ReptileState as ReptileState
 from metagrad._src.reptile import reptile as reptile
 from metagrad._src.reptile_outer import ReptileOuterState as ReptileOuterState
@@ -64,6 +75,7 @@ __all__ = [
     "DWAState",
     "DotProdState",
     "FAMOState",
+    "GradDropState",
     "GradNormState",
     "GradShareCarry",
     "GradShareParams",
@@ -72,6 +84,7 @@ __all__ = [
     "InnerRule",
     "MAMLState",
     "MetaLearner",
+    "NashMTLState",
     "PCGradState",
     "RLWState",
     "RecAdamState",
@@ -79,26 +92,34 @@ __all__ = [
     "ReptileState",
     "UncertaintyWeightingState",
     "adapt",
+    "aligned_mtl",
+    "cagrad",
+    "config",
     "db_mtl",
     "dotprod",
+    "dualproj",
     "dwa",
     "famo",
     "fd_hvp",
     "fd_step",
     "fomaml",
     "grad_share",
+    "graddrop",
     "gradnorm",
     "gradvac",
     "hvp",
     "imaml",
+    "imtl_g",
     "learned_lr",
     "maml",
     "maml_pp_weights",
     "mean_pairwise_cosine",
     "meta_sgd",
+    "mgda",
     "mixed_probs",
     "mixed_schedule",
     "mtl_sum",
+    "nash_mtl",
     "pairwise_cosine",
     "pairwise_dot",
     "pcgrad",
@@ -112,4 +133,5 @@ __all__ = [
     "task_probs",
     "uncertainty_weighting",
     "uniform_tasks",
+    "upgrad",
 ]

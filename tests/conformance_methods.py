@@ -183,6 +183,18 @@ def _db_mtl(axis):
     return db_mtl
 
 
+def _aggregator(build):
+    """An aggregator that takes no device axis in the battery: its devices split the examples
+    and the gradients arrive whole (pmean'd); `axis_name` (sharded parameters) is checked in
+    test_aggregators.py."""
+
+    def make(axis):
+        del axis
+        return build
+
+    return make
+
+
 # -- meta-learners ---------------------------------------------------------------------------
 
 INNERS = {
@@ -258,6 +270,30 @@ METHODS: list[Method] = [
            losses=True, guard="after", bad=("weight_decay", -1.0)),
     Method("db_mtl", "aggregator", _db_mtl, "tasks", {"beta": 0.9, "beta_sigma": 0.5},
            losses=True, guard="after", bad=("beta", 1.0)),
+    Method("mgda", "aggregator", _aggregator(lambda: mg.mgda()), "tasks", guard="after"),
+    Method("mgda/frank_wolfe", "aggregator",
+           _aggregator(lambda tol=1e-3: mg.mgda(solver="frank_wolfe", tol=tol)), "tasks",
+           {"tol": 1e-3}, guard="after", bad=("tol", -1.0)),
+    Method("cagrad", "aggregator", _aggregator(lambda c=0.4: mg.cagrad(c=c)), "tasks",
+           {"c": 0.4}, guard="after", bad=("c", -0.5)),
+    Method("nash_mtl", "aggregator",
+           _aggregator(lambda max_norm=1.0: mg.nash_mtl(AGG_TASKS, max_norm=max_norm)), "tasks",
+           {"max_norm": 1.0}, guard="after", bad=("max_norm", -1.0)),
+    # IMTL-G and ConFIG invert the Gram matrix (condition ~500 on this problem): float32
+    # round-off of another summation order comes out amplified by it.
+    Method("imtl_g", "aggregator", _aggregator(lambda: mg.imtl_g()), "tasks", guard="after",
+           noise=1e-4),
+    Method("aligned_mtl", "aggregator", _aggregator(lambda: mg.aligned_mtl()), "tasks",
+           guard="after"),
+    Method("upgrad", "aggregator", _aggregator(lambda reg_eps=1e-4: mg.upgrad(reg_eps=reg_eps)),
+           "tasks", {"reg_eps": 1e-4}, guard="after", bad=("reg_eps", -1.0)),
+    Method("dualproj", "aggregator",
+           _aggregator(lambda reg_eps=1e-4: mg.dualproj(reg_eps=reg_eps)), "tasks",
+           {"reg_eps": 1e-4}, guard="after", bad=("reg_eps", -1.0)),
+    Method("config", "aggregator", _aggregator(lambda: mg.config()), "tasks", guard="after",
+           noise=1e-4),
+    Method("graddrop", "aggregator", _aggregator(lambda leak=0.0: mg.graddrop(seed=0, leak=leak)),
+           "tasks", {"leak": 0.0}, guard="after", bad=("leak", 1.5)),
     *[_meta(learner, inner) for learner in ("maml", "fomaml", "reptile", "seq_reptile")
       for inner in INNERS],
     Method("maml/anil", "meta", _learner("maml", "anil"), "maml"),

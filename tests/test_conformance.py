@@ -466,7 +466,8 @@ def test_battery_lists_every_public_method():
     # Public callables that are methods (transformations, learners, inner rules).
     methods = {"dotprod", "reptile_outer", "recadam", "mtl_sum", "pcgrad", "gradvac",
                "gradnorm", "maml", "fomaml", "reptile", "seq_reptile", "uncertainty_weighting",
-               "dwa", "rlw", "famo", "db_mtl", "imaml"}  # fmt: skip
+               "dwa", "rlw", "famo", "db_mtl", "imaml", "mgda", "cagrad", "nash_mtl", "imtl_g",
+               "aligned_mtl", "upgrad", "dualproj", "config", "graddrop"}  # fmt: skip
     assert methods <= covered
     assert {"sgd", "meta_sgd", "learned_lr", "grad_share"} <= rules
     not_methods = {"adapt", "fd_hvp", "fd_step", "hvp", "maml_pp_weights", "mean_pairwise_cosine",

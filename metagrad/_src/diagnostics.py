@@ -41,12 +41,17 @@ def _leading_size(name: str, tree: Any) -> int:
     return sizes.pop()
 
 
-def pairwise_dot(grads: Params) -> jax.Array:
+def pairwise_dot(grads: Params, *, axis_name: Any = None) -> jax.Array:
     """The Gram matrix G_ij = ⟨g_i, g_j⟩ of gradients stacked on a leading axis.
 
     Args:
       grads: a pytree whose leaves all have a leading axis of size N (gradient i
         is the i-th slice of every leaf, e.g. the output of `task_gradients`).
+      axis_name: under `jax.shard_map` / `jax.pmap` with the parameters sharded
+        over this device axis (each device holds a slice of every gradient),
+        the per-device partial Gram matrices are summed over it (`psum`, N x N
+        numbers cross devices), so every device gets the full Gram matrix.
+        None (default): the gradients are whole on each device.
 
     Returns:
       A float array of shape ``[N, N]`` (in the leaves' highest float dtype).
@@ -65,6 +70,8 @@ def pairwise_dot(grads: Params) -> jax.Array:
     for x in flat:
         x = x.astype(dtype)
         gram = gram + jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
+    if axis_name is not None:
+        gram = jax.lax.psum(gram, axis_name)
     return gram
 
 

@@ -1,0 +1,72 @@
+"""DualProj (Quinton & Rey, 2024; after GEM): the mean gradient projected onto the dual cone.
+
+Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
+<https://arxiv.org/abs/2406.16232>`_, 2024 (TorchJD); the projection is Lopez-Paz & Ranzato's,
+`Gradient Episodic Memory for Continual Learning <https://arxiv.org/abs/1706.08840>`_, 2017.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+from metagrad._src.mtl import base as _aggregate
+from metagrad._src.mtl import gram as _gram
+from metagrad._src.mtl.upgrad import check_eps, dual_cone_weights
+
+
+def dualproj(
+    *,
+    reduction: str = "mean",
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+    axis_name: Any = None,
+) -> optax.GradientTransformation:
+    """DualProj: the mean task gradient projected onto the dual cone of the task gradients.
+
+    .. math::
+      d = \\pi_J\\Big(\\frac1T\\sum_i g_i\\Big), \\qquad
+      \\pi_J(x) = \\arg\\min_{y:\\ \\langle g_i, y\\rangle \\ge 0\\ \\forall i} \\|y - x\\|,
+
+    the projection of GEM (Lopez-Paz & Ranzato, Eq. 11), as TorchJD's ``DualProj``. Computed from
+    the Gram matrix as in `upgrad` (π_J(Jᵀu) = Jᵀv, v = argmin_{v >= u} vᵀGv, one T-dimensional
+    QP solved exactly by an active-set method; the same `norm_eps` / `reg_eps` regularisation).
+    ⟨g_i, d⟩ >= 0 for every task (exactly with ``reg_eps=0`` and independent gradients); the
+    mean itself when it conflicts with no task.
+
+    Scale (`reduction`): ``"mean"`` (default, TorchJD) projects the mean; ``"sum"`` the sum.
+
+    Args:
+      reduction: ``"mean"`` or ``"sum"``.
+      norm_eps: trace of G below which it counts as zero (TorchJD's, 1e-4).
+      reg_eps: added to the diagonal of the normalised Gram matrix (TorchJD's, 1e-4).
+      axis_name: device axis over which the parameters are sharded, or None.
+
+    Returns:
+      An `optax.GradientTransformation` from per-task gradients (leaves ``[T, ...]``) to d; its
+      state is empty.
+
+    Example:
+      >>> import jax.numpy as jnp, metagrad as mg
+      >>> g = jnp.array([[1.0, 0.0], [-2.0, 0.5]])  # the mean (-.5, .25) conflicts with g_1
+      >>> tx = mg.dualproj(reg_eps=0.0)
+      >>> out, _ = tx.update(g, tx.init(jnp.zeros(2)))
+      >>> [round(x, 4) for x in out.tolist()]  # projected onto <g_1, d> = 0
+      [0.0, 0.25]
+
+    References:
+      Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
+      <https://arxiv.org/abs/2406.16232>`_, 2024; Lopez-Paz & Ranzato, `Gradient Episodic
+      Memory for Continual Learning <https://arxiv.org/abs/1706.08840>`_, NeurIPS 2017.
+    """
+    _aggregate.check_reduction(reduction)
+    norm_eps, reg_eps = check_eps(norm_eps, reg_eps)
+
+    def weights_fn(gram, state):
+        num = gram.shape[0]
+        mean = _aggregate.reduce(jnp.ones((num,), gram.dtype), reduction, num)
+        return dual_cone_weights(gram, mean, norm_eps, reg_eps), state
+
+    return _gram.gram_aggregator("dualproj", weights_fn, axis_name=axis_name)
