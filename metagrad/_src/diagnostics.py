@@ -41,6 +41,24 @@ def _leading_size(name: str, tree: Any) -> int:
     return sizes.pop()
 
 
+def leaf_grams(grads: Params) -> jax.Array:
+    """Per-leaf Gram matrices of gradients stacked on a leading axis, shape ``[leaves, N, N]``.
+
+    The one Gram computation of metagrad: `pairwise_dot` sums these, and the aggregators
+    with per-leaf (layer-wise) options use them one by one. Each product is at full
+    precision (``Precision.HIGHEST``), in the leaves' highest float dtype and at least
+    float32, and nothing larger than the stacked gradients is formed.
+    """
+    n = _leading_size("grads", grads)
+    flat = [jnp.reshape(x, (n, -1)) for x in jax.tree.leaves(grads)]
+    dtype = jnp.result_type(*flat, jnp.float32)
+    grams = []
+    for x in flat:
+        x = x.astype(dtype)
+        grams.append(jnp.matmul(x, jnp.conj(x).T, precision=jax.lax.Precision.HIGHEST).real)
+    return jnp.stack(grams)
+
+
 def pairwise_dot(grads: Params, *, axis_name: Any = None) -> jax.Array:
     """The Gram matrix G_ij = ⟨g_i, g_j⟩ of gradients stacked on a leading axis.
 
@@ -63,13 +81,7 @@ def pairwise_dot(grads: Params, *, axis_name: Any = None) -> jax.Array:
       >>> print(mg.pairwise_dot(g).tolist())
       [[5.0, 1.0], [1.0, 2.0]]
     """
-    n = _leading_size("grads", grads)
-    flat = [jnp.reshape(x, (n, -1)) for x in jax.tree.leaves(grads)]
-    dtype = jnp.result_type(*flat, jnp.float32)
-    gram = jnp.zeros((n, n), dtype)
-    for x in flat:
-        x = x.astype(dtype)
-        gram = gram + jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
+    gram = jnp.sum(leaf_grams(grads), axis=0)
     if axis_name is not None:
         gram = jax.lax.psum(gram, axis_name)
     return gram

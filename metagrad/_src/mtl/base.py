@@ -160,20 +160,6 @@ def check_task_axis(
 # Gram matrices, weighted sums, state on non-finite steps.
 
 
-def _flat(leaf: jax.Array) -> jax.Array:
-    return jnp.reshape(leaf, (leaf.shape[0], -1))
-
-
-def leaf_grams(updates: Any) -> jax.Array:
-    """Per-leaf Gram matrices of the task gradients, shape [num_leaves, T, T]."""
-    grams = []
-    for leaf in jax.tree.leaves(updates):
-        a = _flat(leaf)
-        a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
-        grams.append(jnp.matmul(a, jnp.conj(a).T, precision=EXACT).real)
-    return jnp.stack(grams)
-
-
 def combine(updates: Any, weights: jax.Array) -> Any:
     """Returns sum_j weights[..., j] * g_j per leaf; weights is [T] or [num_leaves, T]."""
     leaves, treedef = jax.tree.flatten(updates)

@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 from metagrad._src import checks as _checks
+from metagrad._src.diagnostics import leaf_grams
 from metagrad._src.mtl import base as _aggregate
 from metagrad._src.mtl.base import EXACT as _EXACT
 from metagrad._src.mtl.base import check_reduction as _check_reduction
@@ -79,7 +80,7 @@ def _orders(key: jax.Array, num_tasks: int, shuffle: bool) -> jax.Array:
 
 
 def _grams_for(updates: Any, granularity: str) -> jax.Array:
-    grams = _aggregate.leaf_grams(updates)
+    grams = leaf_grams(updates)
     return jnp.sum(grams, axis=0, keepdims=True) if granularity == "global" else grams
 
 
