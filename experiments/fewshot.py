@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import pathlib
 from collections.abc import Sequence
@@ -62,7 +63,7 @@ DESCRIPTION = (
     "with Conv-4: MAML, FOMAML, Reptile; needs the dataset prepared locally"
 )
 
-METHODS = ("maml", "fomaml", "reptile")
+METHODS = ("maml", "fomaml", "reptile", "meta_sgd", "maml+grad_share")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,8 @@ class DatasetSpec:
 
 
 DATASETS = {
+    # Rendered locally (experiments.glyphs), not from tfds; the splits are its alphabet splits.
+    "glyphs": DatasetSpec("glyphs", ("background",), ("evaluation",), 28, True),
     "omniglot": DatasetSpec("omniglot", ("train",), ("test",), 28, True),
     "cub": DatasetSpec(
         "caltech_birds2011", ("train", "test"), ("train", "test"), 84, False, (0, 100), (150, 200)
@@ -87,25 +90,72 @@ DATASETS = {
 }
 
 # Per-dataset meta-learning settings (MAML paper Appendix A.1 / Reptile paper Appendix A).
-# inner_lr: inner SGD (MAML, FOMAML) learning rate; meta_batch: tasks per outer step.
+# inner_lr: inner SGD (MAML, FOMAML, initial Meta-SGD / grad_share) learning rate;
+# meta_batch: tasks per outer step; reptile_eval_steps: Reptile's test-time Adam steps.
 SETTINGS = {
-    "omniglot": dict(inner_lr=0.4, inner_steps=1, eval_steps=3, meta_batch=32, hidden=64),
-    "cub": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, meta_batch=4, hidden=32),
-    "mini_imagenet": dict(inner_lr=0.01, inner_steps=5, eval_steps=10, meta_batch=4, hidden=32),
+    "omniglot": dict(
+        inner_lr=0.4, inner_steps=1, eval_steps=3, meta_batch=32, hidden=64, reptile_eval_steps=50
+    ),
+    "cub": dict(
+        inner_lr=0.01, inner_steps=5, eval_steps=10, meta_batch=4, hidden=32, reptile_eval_steps=50
+    ),
+    "mini_imagenet": dict(
+        inner_lr=0.01, inner_steps=5, eval_steps=10, meta_batch=4, hidden=32, reptile_eval_steps=50
+    ),
 }
+SETTINGS["glyphs"] = dict(SETTINGS["omniglot"])
 
+# shared_training: one meta-training per method (on the first --fewshot-shots value),
+# evaluated at every shot value (one compiled meta-step per method); otherwise one
+# meta-training per shot value, as in the papers. curve_points / curve_episodes: held-out
+# accuracy measured during training (learning curves).
+_COMMON = dict(shared_training=False, curve_points=10, curve_episodes=100, eval_queries=15)
 BUDGETS = {
-    "tiny": dict(
+    "tiny": _COMMON
+    | dict(
         iterations=2,
         meta_batch=2,
         eval_episodes=4,
         hidden=8,
         queries=1,
+        eval_queries=1,
         inner_steps=1,
         eval_steps=1,
+        reptile_eval_steps=1,
+        curve_points=1,
+        curve_episodes=2,
     ),
-    "quick": dict(iterations=2000, eval_episodes=200, queries=15),
-    "full": dict(iterations=60000, eval_episodes=600, queries=15),
+    "quick": _COMMON | dict(iterations=2000, eval_episodes=200, queries=15),
+    "full": _COMMON | dict(iterations=60000, eval_episodes=600, queries=15),
+}
+# The glyph set is in the default suite: its quick budget fits the suite's ~5 minutes.
+GLYPH_BUDGETS = {
+    "tiny": BUDGETS["tiny"],
+    "quick": _COMMON
+    | dict(
+        iterations=150,
+        meta_batch=4,
+        hidden=32,
+        queries=5,
+        eval_queries=5,
+        eval_episodes=600,
+        reptile_eval_steps=10,
+        shared_training=True,
+        curve_points=5,
+        curve_episodes=50,
+    ),
+    "full": _COMMON | dict(iterations=3000, meta_batch=8, hidden=64, queries=15, eval_episodes=600),
+}
+
+# 5-way Omniglot test accuracy (%) of the papers, 1-shot and 5-shot: MAML (Finn et al. 2017,
+# Table 1), first-order MAML (ibid.), Reptile (Nichol et al. 2018, Table 1, transductive).
+PAPER_OMNIGLOT = {
+    ("maml", 1): 98.7,
+    ("maml", 5): 99.9,
+    ("fomaml", 1): 98.3,
+    ("fomaml", 5): 99.2,
+    ("reptile", 1): 97.68,
+    ("reptile", 5): 99.48,
 }
 
 
@@ -189,6 +239,29 @@ class EpisodeSampler:
         out = np.asarray(pil, np.float32) / 255.0
         return out[..., None] if out.ndim == 2 else out
 
+    def _images(self, refs) -> np.ndarray:
+        """The images of ``refs`` (``[n, 2]`` source/record pairs) as float32 ``[n, H, W, C]``.
+
+        Sources that hold their images as one array (``source.images``, uint8 ``[n, H, W]`` or
+        ``[n, H, W, C]`` already at ``image_size``, e.g. `experiments.glyphs.GlyphSource`)
+        are gathered with one indexing operation; others are read record by record. Both
+        give the same numbers.
+        """
+        refs = np.asarray(refs).reshape(-1, 2)
+        arrays = [getattr(s, "images", None) for s in self.sources]
+        size = (self.image_size, self.image_size)
+        if all(isinstance(a, np.ndarray) and a.shape[1:3] == size for a in arrays):
+            channels = 1 if self.grayscale else 3
+            out = np.empty((len(refs), *size, channels), np.float32)
+            for i, a in enumerate(arrays):
+                rows = refs[:, 0] == i
+                x = a[refs[rows, 1]]
+                x = x[..., None] if x.ndim == 3 else x
+                x = x[..., :1] if self.grayscale else np.repeat(x, 3 // x.shape[-1], -1)
+                out[rows] = x.astype(np.float32) / 255.0
+            return out
+        return np.stack([self._image(r) for r in refs])
+
     def episode(self, rng: np.random.Generator):
         """One episode: ``((support_x, support_y), (query_x, query_y))``.
 
@@ -201,8 +274,8 @@ class EpisodeSampler:
             pick = members[rng.choice(len(members), self.shots + self.queries, replace=False)]
             support.append(pick[: self.shots])
             query.append(pick[self.shots :])
-        sx = np.stack([self._image(r) for refs in support for r in refs])
-        qx = np.stack([self._image(r) for refs in query for r in refs])
+        sx = self._images(np.concatenate(support))
+        qx = self._images(np.concatenate(query))
         sy = np.repeat(np.arange(self.ways, dtype=np.int32), self.shots)
         qy = np.repeat(np.arange(self.ways, dtype=np.int32), self.queries)
         return (sx, sy), (qx, qy)
@@ -241,6 +314,76 @@ def cached_index(sources, spec: DatasetSpec, splits: Sequence[str], cache_dir=No
     return out
 
 
+def glyph_sources(seed: int = 0, cache_dir=None, classes_per_alphabet: int | None = None):
+    """``{split: GlyphSource}`` of the rendered glyph set (`experiments.glyphs.load`, cached)."""
+    from experiments import glyphs
+
+    data = glyphs.load(seed, classes_per_alphabet=classes_per_alphabet, cache_dir=cache_dir)
+    return {split: data.source(split) for split in ("background", "evaluation")}
+
+
+def make_samplers(
+    dataset: str,
+    *,
+    ways: int,
+    shots: Sequence[int],
+    queries: int,
+    eval_queries: int | None = None,
+    args=None,
+):
+    """``(train sampler per shot, test sampler per shot)`` for `dataset`, one code path.
+
+    Test episodes have `eval_queries` queries per class (default: `queries`).
+
+    Glyphs come from `glyph_sources` (seeded by ``--fewshot-glyphs-seed``, cached in
+    ``--fewshot-glyphs-cache``); the tfds datasets from `load_sources`. Both go through the
+    same `EpisodeSampler`.
+    """
+    spec = DATASETS[dataset]
+    if dataset == "glyphs":
+        small = _opt(args, "fewshot_glyphs_classes_per_alphabet")
+        found = glyph_sources(
+            _opt(args, "fewshot_glyphs_seed", 0), _opt(args, "fewshot_glyphs_cache"), small
+        )
+        train_src, test_src = [found["background"]], [found["evaluation"]]
+        train_index, test_index = [train_src[0].labels], [test_src[0].labels]
+    else:
+        if _opt(args, "fewshot_tfds_name"):
+            spec = dataclasses.replace(spec, tfds_name=args.fewshot_tfds_name)
+        data_dir, index_cache = _opt(args, "fewshot_data_dir"), _opt(args, "fewshot_index_cache")
+        try:
+            train_src = load_sources(spec, spec.train_splits, data_dir)
+            test_src = load_sources(spec, spec.test_splits, data_dir)
+        except Exception as e:
+            raise RuntimeError(
+                f"dataset {spec.tfds_name!r} is not available locally ({type(e).__name__}: {e}). "
+                "Prepare it in array_record format (e.g. `tfds build "
+                f"{spec.tfds_name} --file_format=array_record`) and pass --fewshot-data-dir, "
+                "or use --fewshot-dataset glyphs (rendered locally)."
+            ) from e
+        train_index = cached_index(train_src, spec, spec.train_splits, index_cache)
+        test_index = cached_index(test_src, spec, spec.test_splits, index_cache)
+    kw = dict(ways=ways, image_size=spec.image_size, grayscale=spec.grayscale)
+    train = {
+        k: EpisodeSampler(
+            train_src, shots=k, queries=queries, classes=spec.train_classes, index=train_index, **kw
+        )
+        for k in shots
+    }
+    test = {
+        k: EpisodeSampler(
+            test_src,
+            shots=k,
+            queries=eval_queries or queries,
+            classes=spec.test_classes,
+            index=test_index,
+            **kw,
+        )
+        for k in shots
+    }
+    return train, test
+
+
 # -- model and learners --------------------------------------------------------------------
 
 
@@ -256,11 +399,16 @@ def accuracy(params, batch):
 
 
 def make_learner(method: str, *, inner_lr: float, inner_steps: int, outer_lr: float = 1e-3):
-    """The meta-learner for ``method`` from metagrad's public API."""
+    """The meta-learner for ``method`` from metagrad's public API (all calls are here)."""
+    outer = optax.adam(outer_lr)
     if method in ("maml", "fomaml"):
-        return runner.require(method)(
-            loss_fn, optax.sgd(inner_lr), inner_steps, optax.adam(outer_lr)
-        )
+        return runner.require(method)(loss_fn, optax.sgd(inner_lr), inner_steps, outer)
+    if method == "meta_sgd":
+        rule = runner.require("meta_sgd")(inner_lr)
+        return runner.require("maml")(loss_fn, rule, inner_steps, outer)
+    if method == "maml+grad_share":
+        rule = runner.require("grad_share")(inner_lr)
+        return runner.require("maml")(loss_fn, rule, inner_steps, outer)
     if method == "reptile":
         # Reptile paper (Appendix A): inner Adam (beta1 = 0) on the pooled episode data,
         # outer SGD; our fixed outer learning rate 1.0 (the paper anneals it linearly).
@@ -276,6 +424,79 @@ def _reptile_tasks(tasks):
     return np.concatenate([sx, qx], 1), np.concatenate([sy, qy], 1)
 
 
+@functools.partial(jax.jit, static_argnames="steps")
+def _sgd_evaluate(params, lr, support, query, steps):
+    return accuracy(mg_adapt()(loss_fn, optax.sgd(lr), params, support, steps), query)
+
+
+def mg_adapt():
+    return runner.require("adapt")
+
+
+def make_evaluator(learner, eval_steps: int, *, sgd_lr: float | None = None):
+    """A jitted ``evaluate(state, support, query) -> accuracy`` for one episode.
+
+    Adapts with ``learner.adapt``; with `sgd_lr` (MAML, FOMAML, whose adaptation is plain
+    SGD) with `metagrad.adapt` and that learning rate instead, one compiled function shared
+    by those methods (the same numbers: both run ``eval_steps`` SGD steps).
+    """
+    if sgd_lr is not None:
+        return lambda state, s, q: _sgd_evaluate(state.params, sgd_lr, s, q, eval_steps)
+
+    @jax.jit
+    def evaluate(state, support, query):
+        return accuracy(learner.adapt(state, support, num_steps=eval_steps), query)
+
+    return evaluate
+
+
+def held_out_episodes(sampler: EpisodeSampler, count: int, seed: int):
+    """``count`` fixed episodes (the same for every method of a run)."""
+    rng = np.random.default_rng([seed, 2, sampler.shots])
+    return [sampler.episode(rng) for _ in range(count)]
+
+
+def evaluate_episodes(evaluate, state, episodes) -> np.ndarray:
+    return np.array([float(evaluate(state, s, q)) for s, q in episodes])
+
+
+def ci95(accs: np.ndarray) -> float:
+    return float(1.96 * accs.std(ddof=1) / np.sqrt(len(accs))) if len(accs) > 1 else float("nan")
+
+
+def meta_train(
+    method,
+    learner,
+    params0,
+    sampler,
+    *,
+    iterations,
+    meta_batch,
+    seed,
+    progress,
+    on_step=None,
+    desc=None,
+):
+    """Meta-trains from `params0`; returns ``(state, losses)``.
+
+    ``on_step(iteration, state)`` is called after each outer step (e.g. to evaluate).
+    """
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng([seed, 1])
+    state, losses = learner.init(params0), []
+    step = jax.jit(learner.step)
+    for it in tqdm(range(iterations), desc=desc or method, disable=not progress, leave=False):
+        tasks = sampler.meta_batch(rng, meta_batch)
+        if method == "reptile":
+            tasks = _reptile_tasks(tasks)
+        state, metrics = step(state, tasks)
+        losses.append(float(metrics["loss"]))
+        if on_step is not None:
+            on_step(it + 1, state)
+    return state, losses
+
+
 # -- experiment ----------------------------------------------------------------------------
 
 
@@ -283,8 +504,23 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--fewshot-dataset",
         choices=sorted(DATASETS),
-        default="omniglot",
-        help="dataset (default: omniglot)",
+        default="glyphs",
+        help="glyphs (rendered from matplotlib's fonts, no download; the default) or a "
+        "tfds dataset prepared locally",
+    )
+    parser.add_argument(
+        "--fewshot-glyphs-cache",
+        default=None,
+        help="directory of the rendered glyph set's .npz (default: ~/.cache/metagrad/glyphs)",
+    )
+    parser.add_argument(
+        "--fewshot-glyphs-seed", type=int, default=0, help="seed of the glyph set (default: 0)"
+    )
+    parser.add_argument(
+        "--fewshot-glyphs-classes-per-alphabet",
+        type=runner.int_at_least(1),
+        default=None,
+        help="a small glyph set: the first N characters of each alphabet (default: all)",
     )
     parser.add_argument(
         "--fewshot-data-dir", default=None, help="tfds data_dir holding the prepared dataset"
@@ -297,7 +533,9 @@ def add_arguments(parser) -> None:
     )
     at_least = runner.int_at_least
     parser.add_argument("--fewshot-ways", type=at_least(2), default=5, help="N (default: 5)")
-    parser.add_argument("--fewshot-shots", type=at_least(1), default=1, help="K (default: 1)")
+    parser.add_argument(
+        "--fewshot-shots", type=at_least(1), nargs="+", default=None, help="K (default: 1 5)"
+    )
     parser.add_argument(
         "--fewshot-methods", nargs="+", choices=METHODS, default=None, help="default: all"
     )
@@ -307,11 +545,70 @@ def add_arguments(parser) -> None:
         default=None,
         help="meta-iterations (default by budget)",
     )
+    parser.add_argument(
+        "--fewshot-eval-episodes",
+        type=at_least(2),
+        default=None,
+        help="meta-test episodes per method and shot (default by budget; 600 at quick/full)",
+    )
 
 
 def _opt(args, name, default=None):
     value = getattr(args, name, None) if args is not None else None
     return default if value is None else value
+
+
+def config(dataset: str, budget: str, args=None) -> dict:
+    """The run's settings: dataset settings, then the budget, then command-line overrides."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {tuple(BUDGETS)}, got {budget!r}")
+    budgets = GLYPH_BUDGETS if dataset == "glyphs" else BUDGETS
+    cfg = dict(SETTINGS[dataset]) | budgets[budget]
+    cfg["iterations"] = _opt(args, "fewshot_iterations", cfg["iterations"])
+    cfg["eval_episodes"] = _opt(args, "fewshot_eval_episodes", cfg["eval_episodes"])
+    shots = _opt(args, "fewshot_shots", [1, 5])
+    cfg |= dict(dataset=dataset, ways=_opt(args, "fewshot_ways", 5), shots=list(shots))
+    return cfg
+
+
+def _plot(out_dir, curves, losses, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, points in curves.items():
+        xs, ys = zip(*points, strict=True) if points else ((), ())
+        ax0.plot(xs, 100 * np.array(ys), marker="o", label=label)
+    for label, values in losses.items():
+        values = np.asarray(values)
+        width = max(1, len(values) // 20)
+        smooth = np.convolve(values, np.ones(width) / width, mode="valid")
+        ax1.plot(np.arange(len(smooth)) + width, smooth, label=label)
+    ax0.set(xlabel="meta-iteration", ylabel="held-out episode accuracy (%)", title=title)
+    ax1.set(xlabel="meta-iteration", ylabel="meta-training loss (moving average)")
+    ax1.set_yscale("log")
+    for ax in (ax0, ax1):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(pathlib.Path(out_dir) / "fewshot_training.png", dpi=110)
+    plt.close(fig)
+
+
+def paper_table(rows: Sequence[dict]) -> str:
+    """Markdown: our accuracies beside the papers' Omniglot figures (different data)."""
+    lines = [
+        "| method | shots | this run (%) | paper, Omniglot (%) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        if "test_acc" not in r:
+            continue
+        paper = PAPER_OMNIGLOT.get((r["method"], r["shots"]))
+        ours = f"{100 * r['test_acc']:.1f} ± {100 * r['test_acc_ci95']:.1f}"
+        lines.append(f"| {r['method']} | {r['shots']} | {ours} | {paper or '—'} |")
+    return "\n".join(lines)
 
 
 def run(
@@ -323,116 +620,91 @@ def run(
     args: argparse.Namespace | None = None,
 ) -> list[dict]:
     """Meta-trains each method on episodes, reports meta-test accuracy (95% CI)."""
-    from tqdm.auto import tqdm
-
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {tuple(BUDGETS)}, got {budget!r}")
     out_dir = pathlib.Path(out_dir)
-    dataset = _opt(args, "fewshot_dataset", "omniglot")
-    spec = DATASETS[dataset]
-    if _opt(args, "fewshot_tfds_name"):
-        spec = dataclasses.replace(spec, tfds_name=args.fewshot_tfds_name)
-    cfg = dict(SETTINGS[dataset]) | BUDGETS[budget]
-    cfg["iterations"] = _opt(args, "fewshot_iterations", cfg["iterations"])
-    ways, shots = _opt(args, "fewshot_ways", 5), _opt(args, "fewshot_shots", 1)
+    dataset = _opt(args, "fewshot_dataset", "glyphs")
+    cfg = config(dataset, budget, args)
+    ways, shots = cfg["ways"], cfg["shots"]
     methods = tuple(_opt(args, "fewshot_methods", METHODS))
-    data_dir = _opt(args, "fewshot_data_dir")
-    index_cache = _opt(args, "fewshot_index_cache")
-
-    try:
-        train_src = load_sources(spec, spec.train_splits, data_dir)
-        test_src = load_sources(spec, spec.test_splits, data_dir)
-    except Exception as e:
-        raise RuntimeError(
-            f"dataset {spec.tfds_name!r} is not available locally ({type(e).__name__}: {e}). "
-            "Prepare it in array_record format (e.g. `tfds build "
-            f"{spec.tfds_name} --file_format=array_record`) and pass --fewshot-data-dir."
-        ) from e
-    sampler_kw = dict(
+    train_eps, test_eps = make_samplers(
+        dataset,
         ways=ways,
         shots=shots,
         queries=cfg["queries"],
-        image_size=spec.image_size,
-        grayscale=spec.grayscale,
+        eval_queries=cfg["eval_queries"],
+        args=args,
     )
-    train_eps = EpisodeSampler(
-        train_src,
-        classes=spec.train_classes,
-        index=cached_index(train_src, spec, spec.train_splits, index_cache),
-        **sampler_kw,
+    episodes = {k: held_out_episodes(test_eps[k], cfg["eval_episodes"], seed) for k in shots}
+    curve_eps = {k: v[: cfg["curve_episodes"]] for k, v in episodes.items()}
+    spec = DATASETS[dataset]
+    params0 = conv4_init(
+        jax.random.key(seed), 1 if spec.grayscale else 3, ways, spec.image_size, cfg["hidden"]
     )
-    test_eps = EpisodeSampler(
-        test_src,
-        classes=spec.test_classes,
-        index=cached_index(test_src, spec, spec.test_splits, index_cache),
-        **sampler_kw,
-    )
-    channels = 1 if spec.grayscale else 3
-    key = jax.random.key(seed)
-    params0 = conv4_init(key, channels, ways, spec.image_size, cfg["hidden"])
-    # Host-side episode sampling uses numpy, seeded from the same seed.
-    rows, curves = [], {}
+    plan = [(shots[0], shots)] if cfg["shared_training"] else [(k, [k]) for k in shots]
+    every = max(1, cfg["iterations"] // max(cfg["curve_points"], 1))
+    rows, curves, losses_by = [], {}, {}
     for method in methods:
-        try:
-            learner = make_learner(method, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"])
-            rng = np.random.default_rng([seed, 1])
-            state, losses = learner.init(params0), []
-            step = jax.jit(learner.step)
-            for _ in tqdm(range(cfg["iterations"]), desc=method, disable=not progress):
-                tasks = train_eps.meta_batch(rng, cfg["meta_batch"])
-                if method == "reptile":
-                    tasks = _reptile_tasks(tasks)
-                state, metrics = step(state, tasks)
-                losses.append(float(metrics["loss"]))
+        for train_shots, eval_shots in plan:
+            label = f"{method} {train_shots}-shot"
+            try:
+                learner = make_learner(
+                    method, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"]
+                )
+                steps = cfg["reptile_eval_steps"] if method == "reptile" else cfg["eval_steps"]
+                sgd_lr = cfg["inner_lr"] if method in ("maml", "fomaml") else None
+                evaluate = make_evaluator(learner, steps, sgd_lr=sgd_lr)
+                curve = curves[label] = []
 
-            eval_steps = cfg["eval_steps"]
+                def on_step(it, state, evaluate=evaluate, curve=curve, k=train_shots):
+                    if it % every == 0 or it == cfg["iterations"]:
+                        if not curve or curve[-1][0] != it:
+                            accs = evaluate_episodes(evaluate, state, curve_eps[k])
+                            curve.append((it, float(accs.mean())))
 
-            @jax.jit
-            def evaluate(state, support, query, eval_steps=eval_steps, learner=learner):
-                adapted = learner.adapt(state, support, num_steps=eval_steps)
-                return accuracy(adapted, query)
-
-            rng = np.random.default_rng([seed, 2])
-            accs = []
-            for _ in range(cfg["eval_episodes"]):
-                support, query = test_eps.episode(rng)
-                accs.append(float(evaluate(state, support, query)))
-        except Exception as e:  # noqa: BLE001 - reported in the table, the others go on
-            rows.append(runner.error_row(out_dir, method, e))
-            continue
-        accs = np.array(accs)
-        curves[method] = losses
-        rows.append(
-            {
-                "method": method,
-                "dataset": dataset,
-                "ways": ways,
-                "shots": shots,
-                "test_acc": float(accs.mean()),
-                "test_acc_ci95": float(1.96 * accs.std(ddof=1) / np.sqrt(len(accs))),
-                "iterations": cfg["iterations"],
-                "final_train_loss": float(np.mean(losses[-10:])),
-            }
-        )
-    if curves:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method, losses in curves.items():
-            ax.plot(losses, label=method)
-        ax.set_xlabel("meta-iteration")
-        ax.set_ylabel("meta-training loss")
-        ax.set_title(f"{dataset} {ways}-way {shots}-shot")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "fewshot_training.png", dpi=110)
-        plt.close(fig)
+                state, losses = meta_train(
+                    method,
+                    learner,
+                    params0,
+                    train_eps[train_shots],
+                    iterations=cfg["iterations"],
+                    meta_batch=cfg["meta_batch"],
+                    seed=seed,
+                    progress=progress,
+                    on_step=on_step,
+                    desc=label,
+                )
+                losses_by[label] = losses
+                for k in eval_shots:
+                    accs = evaluate_episodes(evaluate, state, episodes[k])
+                    rows.append(
+                        {
+                            "method": method,
+                            "dataset": dataset,
+                            "ways": ways,
+                            "shots": k,
+                            "trained_shots": train_shots,
+                            "test_acc": float(accs.mean()),
+                            "test_acc_ci95": ci95(accs),
+                            "episodes": len(accs),
+                            "paper_omniglot": PAPER_OMNIGLOT.get((method, k), float("nan")),
+                            "iterations": cfg["iterations"],
+                            "final_train_loss": float(np.mean(losses[-10:])),
+                        }
+                    )
+            except Exception as e:  # noqa: BLE001 - reported in the table, the others go on
+                rows.append(runner.error_row(out_dir, label, e))
+    if losses_by:
+        _plot(out_dir, curves, losses_by, f"{dataset} {ways}-way")
+    table = paper_table(rows)
+    note = (
+        f"\n\nThis run: {dataset}, Conv-4 ({cfg['hidden']} channels), budget {budget}, "
+        f"{cfg['iterations']} meta-iterations; the papers' figures are on Omniglot "
+        "(handwritten, 60,000 iterations of 32 tasks): the data differ, the numbers "
+        "are not comparable, only the order of the methods is.\n"
+    )
+    (out_dir / "fewshot_table.md").write_text(table + note)
     runner.write_json(
         out_dir / "fewshot.json",
-        {"config": cfg | {"dataset": dataset, "ways": ways, "shots": shots}, "rows": rows},
+        {"config": cfg, "rows": rows, "curves": {k: v for k, v in curves.items()}},
     )
     runner.write_csv(out_dir / "fewshot.csv", rows)
     return rows

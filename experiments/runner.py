@@ -43,8 +43,9 @@ REGISTRY: dict[str, tuple[str, bool]] = {
     "sinusoid": ("experiments.sinusoid", True),
     "digits": ("experiments.digits", True),
     "grad_share": ("experiments.grad_share_sinusoid", True),
-    # Needs Omniglot / CUB / Mini-ImageNet prepared for tensorflow_datasets.
-    "fewshot": ("experiments.fewshot", False),
+    # Conv-4 on the rendered glyph set by default (no download); Omniglot / CUB /
+    # Mini-ImageNet with --fewshot-dataset when prepared for tensorflow_datasets.
+    "fewshot": ("experiments.fewshot", True),
 }
 
 
