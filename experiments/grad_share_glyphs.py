@@ -59,7 +59,7 @@ class Config:
 
 BUDGETS = {
     "tiny": Config(seeds=2, steps=4, eval_every=2, hidden=8, queries=1, eval_episodes=4),
-    "quick": Config(seeds=3, steps=300, eval_every=30),
+    "quick": Config(seeds=3, steps=200, eval_every=20, hidden=16),
     "full": Config(seeds=3, steps=1500, eval_every=100, inner_steps=2),
 }
 
