@@ -121,3 +121,26 @@ def test_sampler_episodes_from_glyphs(small):
     np.testing.assert_array_equal(sampler._images(refs), slow)
     (bx, _), (bq, _) = sampler.meta_batch(rng, 3)
     assert bx.shape == (3, 5, 28, 28, 1) and bq.shape == (3, 15, 28, 28, 1)
+
+
+def test_fewshot_section_runs_on_glyphs_by_default(tmp_path):
+    """The default dataset of `python -m experiments`: glyph episodes through Conv-4."""
+    import json
+
+    from experiments import runner
+
+    out = tmp_path / "out"
+    argv = ["--only", "fewshot", "--budget", "tiny", "--no-progress", "--out", str(out)]
+    argv += ["--fewshot-glyphs-cache", str(tmp_path / "cache")]
+    argv += ["--fewshot-glyphs-classes-per-alphabet", "2", "--fewshot-methods", "fomaml"]
+    argv += ["--fewshot-shots", "1"]  # one compiled meta-step and evaluator
+    assert runner.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert [(r["method"], r["shots"], r["dataset"]) for r in rows] == [("fomaml", 1, "glyphs")]
+    for row in rows:
+        assert 0.0 <= row["test_acc"] <= 1.0 and row["episodes"] >= 2
+    assert rows[0]["paper_omniglot"] == 98.3
+    table = (out / "fewshot" / "fewshot_table.md").read_text()
+    assert "| fomaml | 1 |" in table and "98.3" in table and "not comparable" in table
+    assert (out / "fewshot" / "fewshot_training.png").stat().st_size > 1000
