@@ -319,10 +319,26 @@ def make_evaluator(learner, eval_steps: int, *, sgd_lr: float | None = None):
     return evaluate
 
 
-def held_out_episodes(sampler: EpisodeSampler, count: int, seed: int):
-    """``count`` fixed episodes (the same for every method of a run)."""
-    rng = np.random.default_rng([seed, 2, sampler.shots])
-    return [sampler.episode(rng) for _ in range(count)]
+class held_out_episodes:  # noqa: N801 - used like a function returning a sequence
+    """``count`` fixed episodes (the same for every method of a run), drawn lazily.
+
+    Every iteration draws the same episodes again from the seed, so large images (CUB) are
+    never all held in memory; ``head(n)`` is the first n of them.
+    """
+
+    def __init__(self, sampler: EpisodeSampler, count: int, seed: int):
+        self.sampler, self.count, self.seed = sampler, count, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, 2, self.sampler.shots])
+        for _ in range(self.count):
+            yield self.sampler.episode(rng)
+
+    def head(self, n: int) -> held_out_episodes:
+        return held_out_episodes(self.sampler, min(n, self.count), self.seed)
 
 
 def evaluate_episodes(evaluate, state, episodes) -> np.ndarray:
@@ -503,7 +519,7 @@ def run(
         args=args,
     )
     episodes = {k: held_out_episodes(test_eps[k], cfg["eval_episodes"], seed) for k in shots}
-    curve_eps = {k: v[: cfg["curve_episodes"]] for k, v in episodes.items()}
+    curve_eps = {k: v.head(cfg["curve_episodes"]) for k, v in episodes.items()}
     spec = DATASETS[dataset]
     params0 = conv4_init(
         jax.random.key(seed), 1 if spec.grayscale else 3, ways, spec.image_size, cfg["hidden"]

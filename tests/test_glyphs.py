@@ -121,6 +121,15 @@ def test_sampler_episodes_from_glyphs(small):
     np.testing.assert_array_equal(sampler._images(refs), slow)
     (bx, _), (bq, _) = sampler.meta_batch(rng, 3)
     assert bx.shape == (3, 5, 28, 28, 1) and bq.shape == (3, 15, 28, 28, 1)
+    # Held-out episodes are drawn again, identically, for every method.
+    held = fewshot.held_out_episodes(sampler, 4, seed=0)
+    first, again, head = list(held), list(held), list(held.head(2))
+    assert len(first) == len(held) == 4 and len(head) == 2
+    for x, y in zip(first, again, strict=True):
+        np.testing.assert_array_equal(x[0][0], y[0][0])
+        np.testing.assert_array_equal(x[1][0], y[1][0])
+    np.testing.assert_array_equal(head[1][1][0], first[1][1][0])
+    assert not np.array_equal(first[0][0][0], first[1][0][0])
 
 
 def test_fewshot_section_runs_on_glyphs_by_default(tmp_path):
