@@ -55,6 +55,11 @@ MAML 98.7 / 99.9, first-order MAML 98.3 / 99.2, Reptile 97.68 / 99.48 (1 / 5-sho
 differ (printed glyphs vs handwriting) and so do the budgets (60,000 outer steps of 32
 tasks in the papers), so the numbers are not comparable; the order of the methods is.
 
+Measured (quick budget, seed 0, 600 episodes, % ± 95% CI, 1-shot / 5-shot): MAML 52.7 ± 1.1 /
+64.3 ± 1.2, FOMAML 38.8 ± 0.9 / 47.8 ± 0.9, Reptile 31.1 ± 1.0 / 49.1 ± 1.0, Meta-SGD
+53.2 ± 1.1 / 65.7 ± 1.1, MAML+grad_share 58.9 ± 1.1 / 73.3 ± 1.0 (150 outer steps: far from
+converged; the 1-shot order MAML > FOMAML > Reptile is the papers' order).
+
 References:
   Finn, Abbeel, Levine, `Model-Agnostic Meta-Learning for Fast Adaptation of Deep
   Networks <https://arxiv.org/abs/1703.03400>`_, ICML 2017.
