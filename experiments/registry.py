@@ -26,8 +26,11 @@ REGISTRY: dict[str, tuple[str, bool]] = {
     "digits": ("experiments.digits", True),
     "grad_share": ("experiments.grad_share_sinusoid", True),
     "mtl": ("experiments.mtl", True),
-    # Needs Omniglot / CUB / Mini-ImageNet prepared for tensorflow_datasets.
-    "fewshot": ("experiments.fewshot", False),
+    # Conv-4 on the rendered glyph set by default (no download); Omniglot / CUB /
+    # Mini-ImageNet with --fewshot-dataset when prepared for tensorflow_datasets.
+    "fewshot": ("experiments.fewshot", True),
+    # Gradient sharing's claims on Conv-4 glyph episodes: several minutes, optional.
+    "grad_share_glyphs": ("experiments.grad_share_glyphs", False),
 }
 
 

@@ -137,7 +137,10 @@ def test_fewshot_experiment_tiny_on_mock_data(tmp_path):
     argv = ["--only", "fewshot", "--budget", "tiny", "--no-progress", "--out", str(out)]
     with tfds.testing.mock_data(num_examples=200):
         # Reptile here (first order, quick to compile); MAML has its own test above.
-        code = cli.main([*argv, "--fewshot-methods", "reptile", "--fewshot-ways", "3"])
+        code = cli.main(
+            [*argv, "--fewshot-methods", "reptile", "--fewshot-ways", "3"]
+            + ["--fewshot-dataset", "omniglot", "--fewshot-shots", "1"]
+        )
     results = json.loads((out / "results.json").read_text())
     assert results["status"]["fewshot"]["status"] == "ok", results["status"]
     assert code == 0
@@ -155,5 +158,9 @@ def test_missing_dataset_error_says_how_to_prepare(tmp_path):
             tmp_path,
             budget="tiny",
             progress=False,
-            args=type("A", (), {"fewshot_data_dir": str(tmp_path / "empty")})(),
+            args=type(
+                "A",
+                (),
+                {"fewshot_data_dir": str(tmp_path / "empty"), "fewshot_dataset": "omniglot"},
+            )(),
         )
