@@ -68,7 +68,7 @@ def test_list(capsys):
     assert cli.main(["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(REGISTRY)
-    assert "default" in next(line for line in lines if line.startswith("fewshot"))
+    assert "optional" in next(line for line in lines if line.startswith("fewshot"))
 
 
 def test_unknown_experiment_is_an_error(tmp_path):
