@@ -72,11 +72,7 @@ import metagrad as mg
 from experiments.data import sinusoid_tasks
 from experiments.fewshot import loss_fn as conv4_loss
 from experiments.models import conv4_init, mlp_init, mse_loss, resnet12_apply, resnet12_init
-
-try:  # where the lead's refactor moves the private modules
-    from metagrad._src import _loops
-except ImportError:
-    from metagrad import _loops
+from metagrad._src import loops as _loops  # the "auto" rule, to name the layout measured
 
 INNER_STEPS, INNER_LR, OUTER_LR, SHOTS = 5, 0.01, 1e-3, 10
 # Conv-4 episodes: 5-way 1-shot, 5 queries per class, 28×28 grey images, 32 channels.

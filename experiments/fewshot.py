@@ -315,9 +315,10 @@ def make_learner(method: str, *, inner_lr: float, inner_steps: int, outer_lr: fl
 
 
 def _reptile_tasks(tasks):
-    # Reptile has no support/query split: its inner steps train on both.
+    # Reptile has no support/query split: its inner steps train on both (the query
+    # batches are only evaluated, for the metrics).
     (sx, sy), (qx, qy) = tasks
-    return np.concatenate([sx, qx], 1), np.concatenate([sy, qy], 1)
+    return (np.concatenate([sx, qx], 1), np.concatenate([sy, qy], 1)), (qx, qy)
 
 
 @functools.partial(jax.jit, static_argnames="steps")

@@ -89,9 +89,7 @@ def main() -> None:
 
     # dotprod with axis_name in a training loop under shard_map (the per-update
     # comparison is in test_dotprod_multidevice.py): params stay replicated over 5 steps.
-    tx_axis = optax.chain(
-        mg.dotprod(weight=0.1, scheme="exact", axis_name="d"), optax.adam(1e-2)
-    )
+    tx_axis = optax.chain(mg.dotprod(weight=0.1, scheme="exact", axis_name="d"), optax.adam(1e-2))
 
     def local(params, state, b1, b2):
         g1 = jax.grad(loss)(params, b1)
@@ -122,13 +120,13 @@ def main() -> None:
         "grad_share": (mg.maml(loss, mg.grad_share(0.1), 2, optax.adam(1e-2)), maml_tasks),
         "reptile": (
             mg.reptile(loss, optax.adam(0.05), 3, optax.adam(0.1), reset_inner_state=False),
-            support,
+            maml_tasks,
         ),
         # The K batches of one sequential trajectory split over devices: correct, though
         # the steps of a trajectory are sequential and gain nothing from it (shard the
         # examples of each batch instead, `axis_name` of seq_reptile).
         "seq_reptile": (
-            mg.seq_reptile(lambda p, b, t: loss(p, b), optax.sgd(0.1), num_tasks, 0.5),
+            mg.seq_reptile(loss, optax.sgd(0.1), num_tasks, 0.5),
             (jnp.arange(num_tasks, dtype=jnp.int32) % 3, support),
         ),
     }

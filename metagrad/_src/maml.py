@@ -367,17 +367,14 @@ def maml(
         metrics["meta_grad_norm"] = global_norm(grads)
         updates, outer_state = outer.update(grads, state.outer_state, diff)
         params, inner_params = optax.apply_updates(diff, updates)
+        carry = to_invariant(jax.lax.stop_gradient(carry), axis_name)
         new_state = MAMLState(
             params=params,
             inner_params=inner_params,
             outer_state=outer_state,
             # A non-finite task must not poison the state carried to later steps. The check
             # runs on the loop form of the carry (one flat vector for grad_share), same values.
-            carry=keep_if_finite(
-                restore_carry(to_invariant(jax.lax.stop_gradient(carry), axis_name)),
-                state.carry,
-                check=carry,
-            ),
+            carry=keep_if_finite(restore_carry(carry), state.carry, check=carry),
             inner_state=keep_if_finite(istate, state.inner_state),
             count=state.count + 1,
         )
