@@ -25,7 +25,7 @@ from metagrad._src.base import (
     mean_over_tasks,
 )
 from metagrad._src.hvp import hvp as _hvp
-from metagrad._src.maml_loop import broadcast, check_alignment, check_loss, check_tasks
+from metagrad._src.maml_loop import broadcast, start_step
 
 
 class IMAMLState(NamedTuple):
@@ -200,12 +200,10 @@ def imaml(
         return meta_grad, istate, out
 
     def step(state, tasks):
-        support, query, num_tasks = check_tasks(tasks)
-        check_alignment(alignment, num_tasks)
-        jaxpr = check_loss(loss_fn, state.params, tasks)
-        loops = _loops.resolve(
-            task_loop, step_loop, num_tasks=num_tasks, num_steps=inner_steps, jaxpr=jaxpr
-        )
+        support, query, num_tasks, loops = start_step(
+            loss_fn, state.params, tasks, alignment=alignment, task_loop=task_loop,
+            step_loop=step_loop, num_steps=inner_steps,
+        )  # fmt: skip
         run_tasks = _loops.TaskLoop(loops[0], num_tasks)
         # Device-varying params: gradients taken on each device's tasks stay local until
         # the pmean below (see metagrad.maml).

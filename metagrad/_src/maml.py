@@ -36,7 +36,12 @@ from metagrad._src.base import (
     mean_over_tasks,
 )
 from metagrad._src.inner_rules import InnerRule, as_inner_rule
-from metagrad._src.maml_loop import broadcast, check_alignment, check_loss, check_tasks, inner_loop
+from metagrad._src.maml_loop import (
+    broadcast,
+    check_loss,
+    inner_loop,
+    start_step,
+)
 from metagrad._src.maml_pp import maml_pp_weights
 
 
@@ -292,12 +297,10 @@ def maml(
         return broadcast(state.inner_state, num_tasks)
 
     def step(state, tasks):
-        support, query, num_tasks = check_tasks(tasks)
-        check_alignment(alignment, num_tasks)
-        jaxpr = check_loss(loss_fn, state.params, tasks)
-        loops = _loops.resolve(
-            task_loop, step_loop, num_tasks=num_tasks, num_steps=inner_steps, jaxpr=jaxpr
-        )
+        support, query, num_tasks, loops = start_step(
+            loss_fn, state.params, tasks, alignment=alignment, task_loop=task_loop,
+            step_loop=step_loop, num_steps=inner_steps,
+        )  # fmt: skip
         run_tasks = _loops.TaskLoop(loops[0], num_tasks)
         carry0, restore_carry = loop_carry(jax.lax.stop_gradient(state.carry))
         istate0 = start_state(state, num_tasks)

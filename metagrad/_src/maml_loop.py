@@ -58,6 +58,18 @@ def check_alignment(alignment: bool, num_tasks: int) -> None:
         )
 
 
+def start_step(loss_fn, params, tasks, *, alignment, task_loop, step_loop, num_steps):
+    """What every ``(support, query)`` learner's step starts with: its input checks and the
+    execution strategy "auto" resolves to. Returns ``(support, query, num_tasks, loops)``."""
+    support, query, num_tasks = check_tasks(tasks)
+    check_alignment(alignment, num_tasks)
+    jaxpr = check_loss(loss_fn, params, tasks)
+    loops = _loops.resolve(
+        task_loop, step_loop, num_tasks=num_tasks, num_steps=num_steps, jaxpr=jaxpr
+    )
+    return support, query, num_tasks, loops
+
+
 def describe(tree: Any) -> str:
     """``tree`` with each array leaf shown as dtype[shape], for error messages."""
 

@@ -3,15 +3,8 @@
 Reptile (Nichol et al., 2018) runs K steps of an inner optimizer from the
 shared weights φ, reaching θ_K, and then moves φ towards θ_K:
 φ ← φ − η·(φ − θ_K). Dou et al. (2019) use it for multi-task NLU with a
-meta-batch of tasks whose meta-gradients φ − θ_K are averaged.
-
-References:
-  Nichol, Achiam, Schulman, `On First-Order Meta-Learning Algorithms
-  <https://arxiv.org/abs/1803.02999>`_, 2018.
-
-  Dou, Yu, Anastasopoulos, `Investigating Meta-Learning Algorithms for
-  Low-Resource Natural Language Understanding Tasks
-  <https://arxiv.org/abs/1908.10423>`_, EMNLP 2019.
+meta-batch of tasks whose meta-gradients φ − θ_K are averaged (references in
+`reptile`'s docstring).
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ def config(*, axis_name: Any = None) -> optax.GradientTransformation:
       axis_name: device axis over which the parameters are sharded, or None.
 
     Returns:
-      An `optax.GradientTransformation` from per-task gradients (leaves ``[T, ...]``) to d; its
-      state is empty.
+      The ConFIG transformation: per-task gradients (leaves ``[T, ...]``) in, the
+      conflict-free direction out; no state.
 
     Example:
       >>> import jax.numpy as jnp, metagrad as mg

@@ -45,8 +45,8 @@ def dualproj(
       axis_name: device axis over which the parameters are sharded, or None.
 
     Returns:
-      An `optax.GradientTransformation` from per-task gradients (leaves ``[T, ...]``) to d; its
-      state is empty.
+      The DualProj transformation: per-task gradients (leaves ``[T, ...]``) in, the mean
+      projected onto the dual cone out; no state.
 
     Example:
       >>> import jax.numpy as jnp, metagrad as mg

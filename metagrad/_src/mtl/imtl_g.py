@@ -32,8 +32,8 @@ def imtl_g(*, eps: float = 1e-12, axis_name: Any = None) -> optax.GradientTransf
       axis_name: device axis over which the parameters are sharded, or None.
 
     Returns:
-      An `optax.GradientTransformation` from per-task gradients (leaves ``[T, ...]``) to d; its
-      state is empty.
+      The IMTL-G transformation: per-task gradients (leaves ``[T, ...]``) in, the
+      equal-projection combination out; no state.
 
     Example:
       >>> import jax.numpy as jnp, metagrad as mg

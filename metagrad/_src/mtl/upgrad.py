@@ -76,8 +76,8 @@ def upgrad(
       axis_name: device axis over which the parameters are sharded, or None.
 
     Returns:
-      An `optax.GradientTransformation` from per-task gradients (leaves ``[T, ...]``) to d; its
-      state is empty.
+      The UPGrad transformation: per-task gradients (leaves ``[T, ...]``) in, the mean of
+      their dual-cone projections out; no state.
 
     Example:
       >>> import jax.numpy as jnp, metagrad as mg
