@@ -55,11 +55,16 @@ def _maml(inner, **kwargs):
 
 def _reptile():
     learner = mg.reptile(loss_fn, optax.sgd(0.01), STEPS, optax.sgd(1.0))
-    return learner.step, (jax.eval_shape(learner.init, PARAMS), abstract((TASKS, 8)))
+    return learner.step, (
+        jax.eval_shape(learner.init, PARAMS),
+        (abstract((TASKS, 8)), abstract((TASKS, 8))),
+    )
 
 
 def _seq_reptile():
-    learner = mg.seq_reptile(lambda p, b, t: loss_fn(p, b) * (1.0 + t), optax.sgd(0.01), STEPS, 0.1)
+    learner = mg.seq_reptile(
+        lambda p, b, t: loss_fn(p, b) * (1.0 + t), optax.sgd(0.01), STEPS, 0.1, pass_task_id=True
+    )
     tasks = (abstract((STEPS,), jnp.int32), abstract((STEPS, 8)))
     return learner.step, (jax.eval_shape(learner.init, PARAMS), tasks)
 
