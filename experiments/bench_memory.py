@@ -52,8 +52,12 @@ def add_arguments(parser):
     add("--mem-ks", nargs="*", type=int, default=list(KS), help="inner steps K")
     add("--mem-time-max-k", nargs=2, type=int, default=[5, 1], metavar=("CONV4", "RESNET12"),
         help="time steps for K up to these (per model); 0: compile only")  # fmt: skip
-    add("--mem-task-loop", choices=("map", "unroll", "vmap"), default="map",
-        help="task_loop of every learner (unroll: fastest Conv-4 steps on CPU)")
+    add(
+        "--mem-task-loop",
+        choices=("map", "unroll", "vmap"),
+        default="map",
+        help="task_loop of every learner (unroll: fastest Conv-4 steps on CPU)",
+    )
     add("--mem-rounds", type=int, default=3, help="timed calls per entry (median)")
     add("--mem-out", default="experiments/out", help="directory of the JSON and the plot")
     add("--mem-replot", nargs="*", default=None, help="JSON files of saved rows: report only")
@@ -116,8 +120,10 @@ def growth(rows: list[dict]) -> dict:
         mine = sorted((r for r in rows if (r["model"], r["method"]) == key), key=lambda r: r["K"])
         if len(mine) >= 2 and mine[-1]["K"] > mine[0]["K"]:
             slope = (mine[-1]["peak_MB"] - mine[0]["peak_MB"]) / (mine[-1]["K"] - mine[0]["K"])
-            out[key] = {"MB_per_step": round(slope, 3),
-                        "ratio_last_first": round(mine[-1]["peak_MB"] / mine[0]["peak_MB"], 3)}
+            out[key] = {
+                "MB_per_step": round(slope, 3),
+                "ratio_last_first": round(mine[-1]["peak_MB"] / mine[0]["peak_MB"], 3),
+            }
     return out
 
 

@@ -77,6 +77,7 @@ def test_matches_unrolled_maml_on_proximal_objective(x64):
         # Fully unrolled (differentiated) MAML on the proximal support objective.
         total = 0.0
         for t in range(2):
+
             def sgd_step(_, theta, t=t):
                 g = jax.grad(mlp_loss)(theta, (xs[t], ys[t]))
                 return jax.tree.map(lambda th, gi, p: th - alpha * (gi + lam * (th - p)),

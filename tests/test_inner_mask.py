@@ -59,8 +59,9 @@ def reference_grad(params, tasks, adapt_keys, rates=None, first_order=False):
 def one_step_grads(learner, params, tasks):
     state = learner.init(params)
     new, metrics = learner.step(state, tasks)
-    delta = jax.tree.map(lambda a, b: a - b, (state.params, state.inner_params),
-                         (new.params, new.inner_params))
+    delta = jax.tree.map(
+        lambda a, b: a - b, (state.params, state.inner_params), (new.params, new.inner_params)
+    )
     return delta, metrics
 
 
@@ -70,8 +71,9 @@ ANIL = {"body": False, "head": True}  # a prefix of params' structure
 @pytest.mark.parametrize("first_order", [False, True])
 def test_anil_matches_naive_reference(x64, first_order):
     params, tasks = problem()
-    learner = mg.maml(mlp_loss, optax.sgd(ALPHA), K, optax.sgd(1.0),
-                      first_order=first_order, inner_mask=ANIL)
+    learner = mg.maml(
+        mlp_loss, optax.sgd(ALPHA), K, optax.sgd(1.0), first_order=first_order, inner_mask=ANIL
+    )
     (got, _), _ = one_step_grads(learner, params, tasks)
     want, _ = reference_grad(params, tasks, ["head"], first_order=first_order)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
@@ -101,15 +103,19 @@ def test_inner_rule_sees_only_selected_leaves(x64):
     sgd = mg.learned_lr(ALPHA, granularity="global")
 
     def update(grads, state, p, inner_params, carry, step):
-        seen.append(([x.shape for x in jax.tree.leaves(grads)], grads["body"],
-                     [x.shape for x in jax.tree.leaves(p)]))
+        seen.append(
+            (
+                [x.shape for x in jax.tree.leaves(grads)],
+                grads["body"],
+                [x.shape for x in jax.tree.leaves(p)],
+            )
+        )
         return sgd.update(grads, state, p, inner_params, carry, step)
 
     rule = mg.InnerRule(sgd.init, sgd.init_state, update)
     for task_loop in ("vmap", "unroll"):
         seen.clear()
-        learner = mg.maml(mlp_loss, rule, K, optax.sgd(1.0), inner_mask=ANIL,
-                          task_loop=task_loop)
+        learner = mg.maml(mlp_loss, rule, K, optax.sgd(1.0), inner_mask=ANIL, task_loop=task_loop)
         learner.step(learner.init(params), tasks)
         assert seen
         for grads, body, p in seen:
@@ -147,10 +153,12 @@ def test_bad_masks():
     with pytest.raises(ValueError, match="inner_mask"):
         mg.maml(loss, optax.sgd(0.1), 1, optax.sgd(0.1), inner_mask={"head": True}).init(params)
     with pytest.raises(ValueError, match="inner_mask"):
-        mg.maml(loss, optax.sgd(0.1), 1, optax.sgd(0.1),
-                inner_mask=lambda p: [True, False]).init(params)
+        mg.maml(loss, optax.sgd(0.1), 1, optax.sgd(0.1), inner_mask=lambda p: [True, False]).init(
+            params
+        )
     with pytest.raises(ValueError, match="inner_mask selects no parameter"):
-        mg.maml(loss, optax.sgd(0.1), 1, optax.sgd(0.1),
-                inner_mask={"body": False, "head": False}).init(params)
+        mg.maml(
+            loss, optax.sgd(0.1), 1, optax.sgd(0.1), inner_mask={"body": False, "head": False}
+        ).init(params)
     with pytest.raises(TypeError, match="inner_mask"):
         mg.fomaml(loss, optax.sgd(0.1), 1, optax.sgd(0.1), inner_mask={"body": 1, "head": 0})

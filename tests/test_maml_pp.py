@@ -22,8 +22,10 @@ def test_order_switches_at_exactly_n_and_compiles_once(x64):
              (jnp.asarray(x[1]), jnp.asarray(np.cos(x[1].sum(-1)))))  # fmt: skip
     n = 2
     rule = mg.learned_lr(0.3, per_step=True, granularity="layer")
-    make = lambda order: mg.maml(mlp_loss, rule, 2, optax.sgd(0.5), first_order=order,  # noqa: E731
-                                 multi_step_loss=10)
+
+    def make(order):
+        return mg.maml(mlp_loss, rule, 2, optax.sgd(0.5), first_order=order, multi_step_loss=10)
+
     annealed, fo, so = make(n), make(True), make(False)
     state = annealed.init(params)
     for count in range(n + 2):
