@@ -318,15 +318,21 @@ def _real_rows(model, loss_fn, params, tasks, iters):
             "task_batch": jax.tree.leaves(tasks)[0].shape[0],
             "inner_steps": INNER_STEPS,
         }
-        for key, value in costs["plain"].items():
-            other = costs["grad_share"][key]
-            if value is None or other is None:
-                continue
-            row[f"{key}_plain"] = round(value, 3)
-            row[f"{key}_grad_share"] = round(other, 3)
-            row[f"{key}_ratio"] = round(other / value, 3)
-        rows.append(row)
+        rows.append({**row, **_ratio_columns(costs)})
     return rows
+
+
+def _ratio_columns(costs: dict) -> dict:
+    """``{key}_plain``, ``{key}_grad_share`` and their ratio, for every cost both measured."""
+    columns = {}
+    for key, value in costs["plain"].items():
+        other = costs["grad_share"][key]
+        if value is None or other is None:
+            continue
+        columns[f"{key}_plain"] = round(value, 3)
+        columns[f"{key}_grad_share"] = round(other, 3)
+        columns[f"{key}_ratio"] = round(other / value, 3)
+    return columns
 
 
 def resnet12_loss(params, batch):
@@ -414,14 +420,7 @@ def real_resnet12_rows(
             "task_batch": RESNET_TASKS,
             "inner_steps": num_steps,
         }
-        for key, value in costs["plain"].items():
-            other = costs["grad_share"][key]
-            if value is None or other is None:
-                continue
-            row[f"{key}_plain"] = round(value, 3)
-            row[f"{key}_grad_share"] = round(other, 3)
-            row[f"{key}_ratio"] = round(other / value, 3)
-        rows.append(row)
+        rows.append({**row, **_ratio_columns(costs)})
     return rows
 
 
