@@ -1,181 +1,194 @@
 """The realistic-size tier: every method compiled on a ResNet-12-sized parameter tree.
 
 ResNet-12 (4 residual stages of 64, 160, 320 and 640 channels, 12.4M parameters in 50 leaves)
-is the usual model of few-shot image classification. Each method's jitted step is traced,
+is the usual model of few-shot image classification. Each method's jitted step (the table
+of `scale_methods.py`: every public transformation, inner rule and meta-learner) is traced,
 lowered and compiled on abstract inputs (`jax.ShapeDtypeStruct`: nothing parameter-sized is
 allocated to run it), with a loss that touches every parameter but costs almost nothing, so
-the compiled program's buffers are the method's own. Two promises are checked:
+the compiled program's buffers are the method's own. Three promises are checked:
 
 - host memory: tracing and lowering raise the peak RSS by less than the parameters' bytes
   (the Python side builds programs, not parameter-sized arrays: nothing in parameters ×
   leaves; grad_share's former one-hot [parameters, leaves] matrices took 5.4 GB here, 109×
   the parameters; 18 MB at most now, for plain MAML);
 - compiled temporary memory (XLA's ``temp_size_in_bytes``) within a per-method multiple of
-  the parameters' bytes, derived from what the method keeps (see ``TEMP_BOUNDS``).
+  the parameters' bytes P, derived from what the method keeps (``scale_methods.TABLE``);
+- no per-step cost in parameters × leaves, for the methods where one is a risk (per-leaf
+  arithmetic, flat copies, Gram matrices, masks): the same step on 5 leaves of the same total
+  size has nearly the same temporary memory and the same flops. A [P, leaves] array would
+  add about 45 P from 5 to 50 leaves; the checks allow P.
+
+Run as a script (``PYTHONPATH=. python tests/test_scale.py``) it prints the table of bounds
+and measured figures (for the README).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import functools
+import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
-import metagrad as mg
-from experiments.bench_grad_share import reset_peak_rss, resnet12_shapes, rss_status
+from experiments.bench_grad_share import reset_peak_rss, rss_status
+from tests import scale_methods as sm
 
-TASKS, STEPS, AGG_TASKS = 2, 2, 3  # B tasks per meta-batch, K inner steps, T stacked tasks
-PARAMS = {
-    f"l{i:02d}": jax.ShapeDtypeStruct(s, jnp.float32) for i, s in enumerate(resnet12_shapes())
-}
-PARAM_BYTES = 4 * sum(math.prod(s.shape) for s in PARAMS.values())
+PARAMS = sm.resnet12_tree()
+PARAM_BYTES = sm.num_bytes(PARAMS)
+FEW_LEAVES = sm.flat_tree(5, PARAM_BYTES // 4)
 HOST_BOUND = 1.0
+# Buffer assignment, hence the memory figures, depends on neither LLVM's optimization level
+# nor the fusion emitters (checked on every entry: same temporary bytes); without them the
+# 50-leaf programs compile in about two thirds of the time.
+COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
-def loss_fn(params, batch):
-    """Touches every parameter with a non-zero Hessian, at almost no cost."""
-    scale = jnp.mean(batch)
-    return scale * sum(jnp.sum(jnp.tanh(p)) for p in jax.tree.leaves(params))
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    host: int | None  # peak RSS growth while tracing and lowering (None off Linux)
+    temp: int  # compiled temporary bytes
+    flops: float  # of the program as lowered (before XLA's fusion, which counts a fused
+    # slice's whole operand: see test_no_cost_scales_with_parameters_times_leaves)
 
 
-def abstract(shape, dtype=jnp.float32):
-    return jax.ShapeDtypeStruct(shape, dtype)
+def _warm():
+    # The first lowering of a process sets up MLIR and XLA's compiler: not a method's cost.
+    jax.jit(lambda x: jnp.sin(x) + 1).lower(sm.abstract((3,))).compile(COMPILE)
 
 
-def _maml(inner, **kwargs):
-    def build():
-        learner = mg.maml(loss_fn, inner(), STEPS, optax.adam(1e-3), **kwargs)
-        batch = abstract((TASKS, 8))
-        return learner.step, (jax.eval_shape(learner.init, PARAMS), (batch, batch))
-
-    return build
-
-
-def _reptile():
-    learner = mg.reptile(loss_fn, optax.sgd(0.01), STEPS, optax.sgd(1.0))
-    return learner.step, (
-        jax.eval_shape(learner.init, PARAMS),
-        (abstract((TASKS, 8)), abstract((TASKS, 8))),
-    )
-
-
-def _seq_reptile():
-    learner = mg.seq_reptile(
-        lambda p, b, t: loss_fn(p, b) * (1.0 + t), optax.sgd(0.01), STEPS, 0.1, pass_task_id=True
-    )
-    tasks = (abstract((STEPS,), jnp.int32), abstract((STEPS, 8)))
-    return learner.step, (jax.eval_shape(learner.init, PARAMS), tasks)
-
-
-def _optax(tx, batches, extra=None):
-    """A training step with `tx`: gradients at ``batches[0]``, extra args from the rest."""
-
-    @jax.jit
-    def step(params, state, *data):
-        grads = jax.grad(loss_fn)(params, data[0])
-        kwargs = extra(params, *data) if extra else {}
-        updates, state = tx.update(grads, state, params, **kwargs)
-        return optax.apply_updates(params, updates), state
-
-    return step, (PARAMS, jax.eval_shape(tx.init, PARAMS), *batches)
-
-
-def _dotprod():
-    tx = optax.chain(mg.dotprod(), optax.adam(1e-3))
-    extra = lambda params, b1, b2: {"grad_fn": lambda p: jax.grad(loss_fn)(p, b2)}
-    return _optax(tx, (abstract((8,)), abstract((8,))), extra)
-
-
-def _reptile_outer():
-    return _optax(mg.reptile_outer(optax.sgd(0.01), STEPS), (abstract((8,)),))
-
-
-def _aggregate(make_tx, with_losses=False):
-    """Per-task gradients stacked on a leading axis of T tasks, then `tx`."""
-
-    def build():
-        tx = optax.chain(make_tx(), optax.sgd(1e-3))
-
-        @jax.jit
-        def step(params, state, batches):
-            losses, grads = jax.vmap(jax.value_and_grad(loss_fn), (None, 0))(params, batches)
-            kwargs = {"losses": losses} if with_losses else {}
-            updates, state = tx.update(grads, state, params, **kwargs)
-            return optax.apply_updates(params, updates), state
-
-        return step, (PARAMS, jax.eval_shape(tx.init, PARAMS), abstract((AGG_TASKS, 8)))
-
-    return build
-
-
-def _recadam():
-    tx = optax.chain(mg.mtl_sum(), mg.recadam(1e-3))
-
-    @jax.jit
-    def step(params, state, batches):
-        grads = jax.vmap(jax.grad(loss_fn), (None, 0))(params, batches)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return step, (PARAMS, jax.eval_shape(tx.init, PARAMS), abstract((AGG_TASKS, 8)))
-
-
-# Compiled temporary memory, in units of the parameters' bytes P, per method, from what the
-# method keeps (B = TASKS, K = STEPS, T = AGG_TASKS; measured here: B = 2, K = 2, T = 3).
-# Second-order MAML keeps, per inner step and task, the adapted params and the loss's
-# derivatives there for the backward pass (3 [B, P] arrays with this loss), plus the backward
-# pass's own temporaries: (3K + 2)·B (measured 13.8 P). Meta-SGD's rates are [P], not
-# [B, P]: the same bound (11.4 P). grad_share also keeps each step's task gradients g_{t,k}
-# ([B, P]: its gate λ_k and normalization are differentiated through them) and G ([P] per
-# step), and its flat copies: (4K + 4)·B (22.2 P). First-order MAML: the adapted params and
-# their query gradient, 2·B (2.4 P). Reptile: the tasks' params, updates and gradients and
-# their mean, 3·B + 1 (5.4 P). Sequential Reptile, one trajectory: 2 (1.0 P). DotProd: the
-# shifted params and one extra gradient, 2 (0.6 P). reptile_outer: 1 (0.0 P). The
-# aggregators and mtl_sum + RecAdam: the T stacked task gradients and their combination,
-# T + 1 (2.2 to 2.6 P).
-TEMP_BOUNDS = {
-    "maml": (_maml(lambda: optax.sgd(0.01)), (3 * STEPS + 2) * TASKS),
-    "fomaml": (_maml(lambda: optax.sgd(0.01), first_order=True), 2 * TASKS),
-    "maml+grad_share": (_maml(lambda: mg.grad_share(0.01)), (4 * STEPS + 4) * TASKS),
-    "maml+meta_sgd": (_maml(lambda: mg.meta_sgd(0.01)), (3 * STEPS + 2) * TASKS),
-    "reptile": (_reptile, 3 * TASKS + 1),
-    "seq_reptile": (_seq_reptile, 2),
-    "dotprod": (_dotprod, 2),
-    "reptile_outer": (_reptile_outer, 1),
-    "pcgrad": (_aggregate(mg.pcgrad), AGG_TASKS + 1),
-    "gradvac": (_aggregate(lambda: mg.gradvac(AGG_TASKS)), AGG_TASKS + 1),
-    "gradnorm": (_aggregate(lambda: mg.gradnorm(AGG_TASKS), with_losses=True), AGG_TASKS + 1),
-    "recadam": (_recadam, AGG_TASKS + 1),
-    "mtl_sum": (_aggregate(mg.mtl_sum), AGG_TASKS + 1),
-}
-
-
-@pytest.fixture(scope="module")
-def warm():
-    # The first lowering of a process sets up MLIR and XLA's compiler: not the method's cost.
-    jax.jit(lambda x: jnp.sin(x) + 1).lower(abstract((3,))).compile()
-
-
-@pytest.mark.parametrize("name", list(TEMP_BOUNDS))
-def test_resnet12_sized_tree_traces_compiles_within_memory_bounds(name, warm):
-    assert len(PARAMS) == 50 and 12e6 < PARAM_BYTES / 4 < 13e6
-    build, bound = TEMP_BOUNDS[name]
+def compile_step(build: sm.Build, params) -> Cost:
+    """A step, traced, lowered and compiled on the abstract tree `params`."""
+    _warm()
     start = reset_peak_rss()  # None where the peak RSS cannot be reset (not Linux)
-    step, args = build()
+    step, args = build(params)
     lowered = step.trace(*args).lower()
-    if start is not None:
-        host = rss_status("VmHWM") - start
-        assert host < HOST_BOUND * PARAM_BYTES, (
-            f"{name}: tracing and lowering took {host / 2**20:.0f} MB of host memory, more than "
-            f"{HOST_BOUND} x the parameters ({PARAM_BYTES / 2**20:.0f} MB)"
+    host = None if start is None else rss_status("VmHWM") - start
+    analysis = lowered.cost_analysis()
+    flops = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+    compiled = lowered.compile(compiler_options=COMPILE)
+    return Cost(host, compiled.memory_analysis().temp_size_in_bytes, flops)
+
+
+@functools.cache
+def measure(name: str, few_leaves: bool = False) -> Cost:
+    """One entry of the table on the 50-leaf tree (or on 5 leaves of the same size)."""
+    return compile_step(sm.TABLE[name].build, FEW_LEAVES if few_leaves else PARAMS)
+
+
+def leaves_scaling(many: Cost, few: Cost) -> list[str]:
+    """What grows from 5 to 50 leaves of the same total size more than the checks allow:
+    temporary memory beyond 2x + P, flops beyond 1.25x (a [P, leaves] array adds ~45 P)."""
+    problems, per_param = [], PARAM_BYTES / 4
+    if many.temp > 2 * few.temp + PARAM_BYTES:
+        problems.append(
+            f"temporary memory {many.temp / PARAM_BYTES:.2f} P at 50 leaves, "
+            f"{few.temp / PARAM_BYTES:.2f} P at 5 leaves"
         )
-    # Buffer assignment, hence the memory figure, does not depend on LLVM's optimization
-    # level; level 0 compiles faster.
-    compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    assert temp <= bound * PARAM_BYTES, (
-        f"{name}: compiled temporary memory {temp / PARAM_BYTES:.1f} x the parameters, "
-        f"bound {bound}"
+    if many.flops > 1.25 * few.flops:
+        problems.append(
+            f"{many.flops / per_param:.1f} flops per parameter at 50 leaves, "
+            f"{few.flops / per_param:.1f} at 5 leaves"
+        )
+    return problems
+
+
+def _params(names):
+    # A method's two tests share its 50-leaf measurement: one xdist worker runs both.
+    return [pytest.param(n, marks=pytest.mark.xdist_group(f"scale-{n}")) for n in names]
+
+
+def test_tier_lists_every_public_method():
+    """A public constructor of a transformation, inner rule or meta-learner added later
+    without an entry here fails this test."""
+    public = sm.public_constructors()
+    covered = {name for entry in sm.TABLE.values() for name in entry.covers}
+    assert public - covered == set(), f"methods without a realistic-size entry: {public - covered}"
+    assert covered <= public, f"entries naming no public constructor: {covered - public}"
+    # The constructors' variants with their own cost: ANIL (inner_mask), both dotprod schemes,
+    # pcgrad per leaf, a per-leaf learned rate.
+    assert {"maml+anil", "dotprod/exact", "pcgrad/leaf", "fomaml+learned_lr"} <= set(sm.TABLE)
+    assert len(PARAMS) == 50 and 12e6 < PARAM_BYTES / 4 < 13e6
+    assert len(FEW_LEAVES) == 5 and sm.num_bytes(FEW_LEAVES) == PARAM_BYTES
+
+
+@pytest.mark.parametrize("name", _params(sm.TABLE))
+def test_resnet12_sized_tree_traces_compiles_within_memory_bounds(name):
+    cost = measure(name)
+    if cost.host is not None:
+        assert cost.host < HOST_BOUND * PARAM_BYTES, (
+            f"{name}: tracing and lowering took {cost.host / 2**20:.0f} MB of host memory, "
+            f"more than {HOST_BOUND} x the parameters ({PARAM_BYTES / 2**20:.0f} MB)"
+        )
+    entry = sm.TABLE[name]
+    assert cost.temp <= entry.bound * PARAM_BYTES, (
+        f"{name}: compiled temporary memory {cost.temp / PARAM_BYTES:.2f} x the parameters, "
+        f"bound {entry.bound} ({entry.why})"
     )
+
+
+@pytest.mark.parametrize("name", _params(n for n, e in sm.TABLE.items() if e.leaves))
+def test_no_cost_scales_with_parameters_times_leaves(name):
+    """50 leaves cost what 5 leaves of the same total size cost: temporary memory within
+    2x + P, flops within 1.25x.
+
+    The flops are those of the program as lowered: XLA's figure after fusion counts, for a
+    fusion that slices one leaf out of a flat vector, the whole vector's arithmetic
+    (grad_share's flat layout reads 2758 flops per parameter there at 50 leaves, 378 at 5,
+    202 as lowered in both; at 2M parameters its step ran in 0.85 s on 50 leaves, 0.94 s
+    on 5).
+    """
+    problems = leaves_scaling(measure(name), measure(name, few_leaves=True))
+    assert not problems, f"{name}, 50 leaves vs 5 of the same total size: {problems}"
+
+
+def _one_hot_leaf_norms():
+    """Per-leaf normalization through a one-hot [P, leaves] matrix, as grad_share's flat
+    layout once did: what the leaves check is for."""
+
+    def update(updates, state, params=None):
+        leaves, treedef = jax.tree.flatten(updates)
+        ends = np.cumsum([x.size for x in leaves])
+        flat = jnp.concatenate([x.ravel() for x in leaves])
+        segment = jnp.searchsorted(jnp.asarray(ends), jnp.arange(flat.size), side="right")
+        one_hot = jax.nn.one_hot(segment, len(leaves), dtype=flat.dtype)
+        flat = flat / (one_hot @ jnp.sqrt((flat * flat) @ one_hot))
+        out = [y.reshape(x.shape) for y, x in zip(jnp.split(flat, ends[:-1]), leaves, strict=True)]
+        return jax.tree.unflatten(treedef, out), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def test_leaves_check_detects_a_parameters_times_leaves_array():
+    build = sm.transform(_one_hot_leaf_norms)
+    many, few = compile_step(build, PARAMS), compile_step(build, FEW_LEAVES)
+    # Measured: 53 P and 311 flops per parameter at 50 leaves, 8 P and 41 at 5.
+    assert len(leaves_scaling(many, few)) == 2, (many, few)
+    assert many.temp > 45 * PARAM_BYTES
+
+
+def main(names):
+    """Prints the tier as a Markdown table: bound and measured figures, in units of P."""
+    print(f"P = {PARAM_BYTES / 2**20:.1f} MB ({PARAM_BYTES // 4} float32 parameters, 50 leaves);"
+          f" B = {sm.TASKS}, K = {sm.STEPS}, T = {sm.AGG_TASKS}")  # fmt: skip
+    print("| entry | temp bound (P) | temp measured (P) | host (P) | 5 leaves: temp (P) |"
+          " flops/param 50 vs 5 leaves |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    per_param = PARAM_BYTES / 4
+    for name in names:
+        entry, cost = sm.TABLE[name], measure(name)
+        host = "-" if cost.host is None else f"{cost.host / PARAM_BYTES:.2f}"
+        few, flops = "-", "-"
+        if entry.leaves:
+            other = measure(name, few_leaves=True)
+            few = f"{other.temp / PARAM_BYTES:.2f}"
+            flops = f"{cost.flops / per_param:.0f} vs {other.flops / per_param:.0f}"
+        print(f"| {name} | {entry.bound:g} | {cost.temp / PARAM_BYTES:.2f} | {host} | {few} |"
+              f" {flops} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(sm.TABLE))
