@@ -421,6 +421,7 @@ def run(
 ) -> list[dict]:
     """Trains the grid on each dataset; writes dotprod_sweep.{json,csv} and the two PNGs."""
     out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     cfg = config.resolve(Config, BUDGETS, budget, args, NAME)
     makers = {"digits": digits_problem, "glyphs": glyph_problem}
     rows, results = [], {}
