@@ -104,6 +104,11 @@ class Config:
     datasets: tuple[str, ...] = option(
         "datasets", default=DATASETS, choices=DATASETS, many=True
     )
+    scheme: str = option(
+        "mg.dotprod's G1G2 scheme: forward (the paper's finite difference) or exact (HVP)",
+        default="forward",
+        choices=("forward", "central", "exact"),
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "log_every", min(self.log_every, self.steps))
@@ -125,8 +130,10 @@ class Config:
 
 BUDGETS = {
     "tiny": dict(seeds=2, steps=40, log_every=20, weights=(0.0, 0.1)),
-    "quick": dict(seeds=5, steps=600, log_every=100, weights=(0.0, 0.1, 1.0)),
-    "full": dict(seeds=10, steps=2500, log_every=250, weights=(0.0, 0.01, 0.1, 0.3, 1.0)),
+    "quick": dict(seeds=5, steps=600, log_every=100, weights=(0.0, 0.01, 0.1)),
+    "full": dict(
+        seeds=8, steps=1200, log_every=100, weights=(0.0, 0.001, 0.01, 0.03, 0.1, 0.3)
+    ),
 }
 
 
@@ -209,7 +216,7 @@ def _make(problem: Problem, cfg: Config):
     dims = (problem.x.shape[-1], HIDDEN, HIDDEN, problem.num_classes)
 
     def tx_of(weight):
-        return optax.chain(mg.dotprod(weight=weight), optax.adam(LR))
+        return optax.chain(mg.dotprod(weight=weight, scheme=cfg.scheme), optax.adam(LR))
 
     def batch_of(key, n, x, y):
         idx = jax.random.randint(key, (BATCH,), 0, n)
