@@ -270,6 +270,8 @@ def _make(problem: Problem, cfg: Config):
 
         return jax.vmap(per_seed)(keys)
 
+    init_all = jax.jit(init_all)
+
     f = jax.vmap(chunk_one, in_axes=(0, 0, None, None, None, None))  # weights
     f = jax.vmap(f, in_axes=(0, None, 0, None, None, None))  # sizes
     f = jax.vmap(f, in_axes=(0, None, None, None, 0, None))  # noise (labels)
