@@ -88,9 +88,7 @@ class Config:
     seeds: int = option("seeds", minimum=2)
     steps: int = option("Adam steps (two batches of 16 each) per run", minimum=1)
     log_every: int = option("steps between gradient dot-product logs", minimum=1)
-    weights: tuple[float, ...] = option(
-        "DotProd weights (0 = the baseline)", type=float, many=True
-    )
+    weights: tuple[float, ...] = option("DotProd weights (0 = the baseline)", type=float, many=True)
     digits_sizes: tuple[int, ...] = option(
         "digits training-set sizes", default=(50, 100, 200, 500), type=int, many=True
     )
@@ -101,9 +99,7 @@ class Config:
     noise: tuple[float, ...] = option(
         "label-noise rates of the training labels", default=(0.0, 0.2, 0.4), type=float, many=True
     )
-    datasets: tuple[str, ...] = option(
-        "datasets", default=DATASETS, choices=DATASETS, many=True
-    )
+    datasets: tuple[str, ...] = option("datasets", default=DATASETS, choices=DATASETS, many=True)
     scheme: str = option(
         "mg.dotprod's G1G2 scheme: forward (the paper's finite difference) or exact (HVP)",
         default="forward",
@@ -130,10 +126,8 @@ class Config:
 
 BUDGETS = {
     "tiny": dict(seeds=2, steps=40, log_every=20, weights=(0.0, 0.1)),
-    "quick": dict(seeds=5, steps=600, log_every=100, weights=(0.0, 0.01, 0.1)),
-    "full": dict(
-        seeds=8, steps=1200, log_every=100, weights=(0.0, 0.001, 0.01, 0.03, 0.1, 0.3)
-    ),
+    "quick": dict(seeds=5, steps=600, log_every=50, weights=(0.0, 0.01, 0.1)),
+    "full": dict(seeds=8, steps=1200, log_every=100, weights=(0.0, 0.001, 0.01, 0.03, 0.1, 0.3)),
 }
 
 
@@ -265,7 +259,9 @@ def _make(problem: Problem, cfg: Config):
         # Same initialization for every cell of a seed: broadcast over noise, size, weight.
         def per_seed(k):
             cell = jax.vmap(lambda w: init_one(w, k))(weights)  # [W, ...]
-            cell = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(problem.sizes),) + a.shape), cell)
+            cell = jax.tree.map(
+                lambda a: jnp.broadcast_to(a, (len(problem.sizes),) + a.shape), cell
+            )
             return jax.tree.map(lambda a: jnp.broadcast_to(a, (len(cfg.noise),) + a.shape), cell)
 
         return jax.vmap(per_seed)(keys)
@@ -356,7 +352,9 @@ def _plot(out_dir: pathlib.Path, cfg: Config, results: dict) -> None:
 
     names = list(results)
     fig, axes = plt.subplots(
-        2 * len(names), len(cfg.noise), figsize=(4.2 * len(cfg.noise), 6.4 * len(names)),
+        2 * len(names),
+        len(cfg.noise),
+        figsize=(4.2 * len(cfg.noise), 6.4 * len(names)),
         squeeze=False,
     )
     base = cfg.weights.index(0.0)
@@ -401,20 +399,24 @@ def _plot(out_dir: pathlib.Path, cfg: Config, results: dict) -> None:
             ax = axes[d, z]
             for n in sorted({0, len(problem.sizes) - 1}):
                 for weight in compare:
+                    # Median and quartiles over seeds: a diverging seed's dot product is
+                    # orders of magnitude larger and would swamp a mean.
                     v = dots[:, z, n, cfg.weights.index(weight)]
-                    se = v.std(0, ddof=1) / np.sqrt(len(v))
+                    lo, mid, hi = np.percentile(v, [25, 50, 75], axis=0)
                     style = "-" if weight == 0 else "--"
                     label = f"n={problem.size_labels[n]}, w={weight:g}"
-                    line = ax.plot(steps, v.mean(0), style, label=label)[0]
-                    ax.fill_between(steps, v.mean(0) - se, v.mean(0) + se, alpha=0.2,
-                                    color=line.get_color())  # fmt: skip
+                    line = ax.plot(steps, mid, style, label=label)[0]
+                    ax.fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
             ax.set_yscale("symlog", linthresh=1e-3)
             ax.set_title(f"{name}, label noise {rate:.0%}")
             ax.set_xlabel("Adam step")
             ax.grid(alpha=0.3)
         axes[d, 0].set_ylabel("⟨∇L(θ; b_t), ∇L(θ; b_t+1)⟩")
         axes[d, 0].legend(fontsize=7)
-    fig.suptitle("Dot product between consecutive batch gradients (DotProd paper, Fig. 4)")
+    fig.suptitle(
+        "Dot product between consecutive batch gradients (DotProd paper, Fig. 4): median and "
+        f"quartiles over {cfg.seeds} seeds"
+    )
     fig.tight_layout()
     fig.savefig(out_dir / "dotprod_sweep_grad_dot.png", dpi=100)
     plt.close(fig)
@@ -456,4 +458,10 @@ def run(
         },
     )
     writers.write_csv(out_dir / "dotprod_sweep.csv", rows)
+    # Every run's numbers, to re-plot or re-analyse without training again.
+    np.savez_compressed(
+        out_dir / "dotprod_sweep_raw.npz",
+        **{f"{n}_{k}": v for n, r in results.items() for k, v in r["metrics"].items()},
+        **{f"{n}_grad_dot": r["dots"] for n, r in results.items()},
+    )
     return rows

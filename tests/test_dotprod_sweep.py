@@ -5,7 +5,6 @@ At the paper's weight 0.1 the sweep found no stable direction at a tiny budget (
 notes): nothing about it is pinned here.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

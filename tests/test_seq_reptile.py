@@ -208,8 +208,10 @@ def test_uniform_tasks_round_robin_is_a_fixed_cycle(num_tasks, num, start):
     # Continued across calls with start = step * num: every task equally often (within one)
     # at every prefix, and exactly equally often over whole cycles.
     ids = np.concatenate(
-        [mg.uniform_tasks(None, num_tasks, num, order="round_robin", start=s * num)
-         for s in range(num_tasks)]  # fmt: skip
+        [
+            mg.uniform_tasks(None, num_tasks, num, order="round_robin", start=s * num)
+            for s in range(num_tasks)
+        ]  # fmt: skip
     )
     for prefix in range(1, len(ids) + 1):
         counts = np.bincount(ids[:prefix], minlength=num_tasks)
