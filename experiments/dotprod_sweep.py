@@ -368,11 +368,14 @@ def _plot(out_dir: pathlib.Path, cfg: Config, results: dict) -> None:
                 a = acc[:, z, :, w]
                 diff = a - acc[:, z, :, base]
                 se = a.std(0, ddof=1) / np.sqrt(len(a))
-                top.errorbar(xs, a.mean(0), se, marker="o", capsize=3, label=f"w={weight:g}")
+                color = f"C{w}"  # one color per weight in both rows
+                top.errorbar(
+                    xs, a.mean(0), se, marker="o", capsize=3, label=f"w={weight:g}", color=color
+                )
                 if w != base:
                     dse = diff.std(0, ddof=1) / np.sqrt(len(diff))
                     bottom.errorbar(xs, diff.mean(0), dse, marker="o", capsize=3,
-                                    label=f"w={weight:g}")  # fmt: skip
+                                    label=f"w={weight:g}", color=color)  # fmt: skip
             bottom.axhline(0, color="k", lw=0.8)
             for ax in (top, bottom):
                 ax.set_xticks(xs, problem.size_labels)
