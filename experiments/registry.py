@@ -33,6 +33,8 @@ REGISTRY: dict[str, tuple[str, bool]] = {
     "fewshot": ("experiments.fewshot", False),
     # Gradient sharing's claims on Conv-4 glyph episodes: several minutes, optional.
     "grad_share_glyphs": ("experiments.grad_share_glyphs", False),
+    # Meta DotProd over weight x training-set size x label noise (digits, glyphs): optional.
+    "dotprod_sweep": ("experiments.dotprod_sweep", False),
 }
 
 

@@ -16,7 +16,10 @@ Methods (all through metagrad's public API):
 - Reptile: ``mg.reptile`` (parallel): each task runs its own K-step inner trajectory of
   ``base`` from φ; φ ← φ − η·mean_t(φ − θ_K^t).
 - Seq. Reptile: ``mg.seq_reptile``: one K-step inner trajectory of ``base`` whose task ids are
-  drawn uniformly (p uniform), φ ← φ − η·(φ − θ_K).
+  drawn uniformly (p uniform), φ ← φ − η·(φ − θ_K). The ids are i.i.d. draws, as the paper's
+  Algorithm 1 specifies (line 5: t_k ~ Cat(p_1, ..., p_T), for k = 1..K);
+  ``--synthetic-seq-order round_robin`` visits the tasks in the fixed order 0, 1, 2, 0, ...
+  instead (``mg.uniform_tasks(order="round_robin")``, the cycle continued across outer steps).
 
 Settings (chosen once for all methods, before looking at the outcome; the paper gives none):
 
@@ -51,9 +54,18 @@ do not reproduce at these settings. The sweep below shows Reptile leaving the mi
 centroid (10/3, 10/3) once K·lr is large (K = 100, or SGD), and Seq. Reptile leaving them only
 with large SGD steps (lr 0.1), for interior points whose cosine (≈ −0.47) is no higher.
 
-With ``--budget full`` (or ``--synthetic-sweep``) Reptile and Seq. Reptile are also run over a
-small grid of optimizers, learning rates and K (`SWEEP`), written to ``synthetic_sweep.csv``:
-it shows which settings let them leave the minima, without changing the main table's settings.
+With ``--budget full`` (or ``--synthetic-sweep``) Reptile and Seq. Reptile (with i.i.d. and
+with round-robin task ids) are also run over a small grid of optimizers, learning rates and K
+(`SWEEP`), written to ``synthetic_sweep.csv`` and drawn for three settings in
+``synthetic_order.png``: it shows which settings let them leave the minima, without changing
+the main table's settings. At K·lr = 10 (Adam lr 0.1 with K = 100, or SGD lr 0.02 with K = 100)
+plain Reptile ends within 0.01 of the centroid from every start: the interior point the paper
+describes, reached once the inner trajectories get to their task optima. Seq. Reptile with
+either task order still ends in an MTL local minimum at those settings (asserted by
+tests/test_experiment_synthetic.py at 100 outer steps); only with large SGD steps (lr 0.1,
+K = 100) does its i.i.d. version end in the interior, at points (≈ (2.6, 1.4)) whose average
+cosine (≈ −0.47) is no higher than Reptile's at the centroid (−0.48), and the round-robin
+version then ends near x2 or x3. So the paper's trade-off does not appear with either order.
 
 Outputs (in the experiment's directory): ``synthetic.png`` (MTL loss contours, the three optima,
 each method's trajectories from the three starts, one panel per method, and a heatmap of the
@@ -122,6 +134,13 @@ class Config:
     recadam_coef: float = 1.0
     starts: tuple[tuple[float, float], ...] = STARTS
     methods: tuple[str, ...] = METHODS
+    seq_order: str = option(
+        "order of Seq. Reptile's task ids within and across trajectories: iid (uniform i.i.d. "
+        "draws, the paper's Algorithm 1) or round_robin (tasks 0, 1, 2, 0, ... continued "
+        "across outer steps)",
+        default="iid",
+        choices=("iid", "round_robin"),
+    )
     sweep: bool = option(
         "also run Reptile and Seq. Reptile over a small grid of optimizers, learning rates "
         "and K; writes synthetic_sweep.csv",
@@ -242,8 +261,8 @@ def _reptile_run(method: str, cfg: Config, seed: int):
     if method == "reptile":
         learner = mg.reptile(task_loss, _base(cfg), cfg.inner_steps, cfg.outer)
 
-        def tasks_for(key):
-            del key
+        def tasks_for(key, step):
+            del key, step
             ids = jnp.arange(num_tasks)  # every task, each with its own inner trajectory
             return ids, ids  # (support, query): a task's loss needs only its id
     else:
@@ -255,17 +274,21 @@ def _reptile_run(method: str, cfg: Config, seed: int):
             pass_task_id=True,
         )
 
-        def tasks_for(key):
-            ids = mg.uniform_tasks(key, num_tasks, cfg.inner_steps)
+        def tasks_for(key, step):
+            # Round-robin continues its cycle across outer steps (start = step·K).
+            ids = mg.uniform_tasks(
+                key, num_tasks, cfg.inner_steps, order=cfg.seq_order, start=step * cfg.inner_steps
+            )
             return ids, jnp.zeros((cfg.inner_steps,))
 
     def run_one(start, key):
-        def step(state, k):
-            state, _ = learner.step(state, tasks_for(k))
+        def step(state, xs):
+            state, _ = learner.step(state, tasks_for(*xs))
             return state, state.params
 
         keys = jax.random.split(key, cfg.steps)
-        _, traj = jax.lax.scan(step, learner.init(start), keys)
+        xs = (keys, jnp.arange(cfg.steps, dtype=jnp.int32))
+        _, traj = jax.lax.scan(step, learner.init(start), xs)
         return jnp.concatenate([start[None], traj])
 
     return run_one
@@ -431,18 +454,92 @@ SWEEP = (
 )
 
 
-def sweep(cfg: Config, seed: int, minima: np.ndarray, progress: bool) -> list[dict]:
-    """Reptile and Seq. Reptile over `SWEEP`, to show how their outcome depends on the settings."""
+# (method, Seq. Reptile's task order) of the sweep: Reptile, and Seq. Reptile with the paper's
+# i.i.d. task ids and with a fixed round-robin order.
+SWEEP_METHODS = (("reptile", "iid"), ("seq_reptile", "iid"), ("seq_reptile", "round_robin"))
+# The sweep settings drawn in synthetic_order.png: the main table's, and two at larger K·lr.
+ORDER_FIGURE = (("adam", 0.1, 10), ("adam", 0.1, 100), ("sgd", 0.1, 100))
+CENTROID = OPTIMA.mean(0)
+
+
+def _sweep_label(method: str, order: str) -> str:
+    if method == "reptile":
+        return LABELS[method]
+    return f"{LABELS[method]} ({'i.i.d.' if order == 'iid' else 'round-robin'})"
+
+
+def sweep(cfg: Config, seed: int, minima: np.ndarray, progress: bool):
+    """Reptile and Seq. Reptile (both task orders) over `SWEEP`: rows and trajectories."""
     from tqdm.auto import tqdm
 
-    rows = []
-    grid = [(g, m) for g in SWEEP for m in ("reptile", "seq_reptile")]
-    for (optimizer, lr, k), method in tqdm(grid, desc="synthetic sweep", disable=not progress):
-        sub = dataclasses.replace(cfg, optimizer=optimizer, lr=lr, inner_steps=k)
+    rows, trajectories = [], {}
+    grid = [(g, m) for g in SWEEP for m in SWEEP_METHODS]
+    for (optimizer, lr, k), (method, order) in tqdm(
+        grid, desc="synthetic sweep", disable=not progress
+    ):
+        sub = dataclasses.replace(cfg, optimizer=optimizer, lr=lr, inner_steps=k, seq_order=order)
         traj, cos = run_method(method, sub, seed)
+        trajectories[(optimizer, lr, k, method, order)] = traj
         for row in summarize(method, sub, traj, cos, minima):
-            rows.append({**row, "optimizer": optimizer, "lr": lr, "inner_steps": k})
-    return rows
+            end = np.array([row["final_x"], row["final_y"]])
+            rows.append(
+                {
+                    **row,
+                    "method": _sweep_label(method, order),
+                    "optimizer": optimizer,
+                    "lr": lr,
+                    "inner_steps": k,
+                    "k_lr": k * lr,
+                    "order": order if method == "seq_reptile" else "",
+                    "dist_centroid": float(np.linalg.norm(end - CENTROID)),
+                }
+            )
+    return rows, trajectories
+
+
+def _plot_order(out_dir: pathlib.Path, cfg: Config, trajectories: dict) -> None:
+    """synthetic_order.png: Reptile and Seq. Reptile (i.i.d. vs round-robin) at three K·lr."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = np.linspace(-11.0, 22.0, 166)
+    grid = np.stack(np.meshgrid(xs, xs), -1)
+    surface = np.asarray(jax.vmap(jax.vmap(mtl_loss))(jnp.asarray(grid, jnp.float32)))
+    colors = ("tab:red", "tab:cyan", "tab:orange")
+    fig, axes = plt.subplots(
+        len(SWEEP_METHODS), len(ORDER_FIGURE), figsize=(5 * len(ORDER_FIGURE), 13),
+        layout="constrained", squeeze=False,
+    )  # fmt: skip
+    for c, (optimizer, lr, k) in enumerate(ORDER_FIGURE):
+        for r, (method, order) in enumerate(SWEEP_METHODS):
+            ax = axes[r, c]
+            ax.contourf(xs, xs, surface, levels=30, cmap="viridis")
+            ax.plot(OPTIMA[:, 0], OPTIMA[:, 1], "X", color="white", ms=9, mec="black", zorder=3)
+            ax.plot(*CENTROID, "P", color="magenta", ms=10, mec="black", zorder=3)
+            traj = trajectories.get((optimizer, lr, k, method, order))
+            if traj is None:
+                ax.axis("off")
+                continue
+            for s, start in enumerate(cfg.starts):
+                t = traj[s]
+                ax.plot(t[:, 0], t[:, 1], "-", color=colors[s], lw=1.5,
+                        label=f"start ({start[0]:g}, {start[1]:g})", zorder=4)  # fmt: skip
+                ax.plot(*t[-1], "*", color=colors[s], ms=14, mec="black", zorder=5)
+            ax.set_title(
+                f"{_sweep_label(method, order)}\n{optimizer} lr {lr}, K={k} (K·lr={k * lr:g})"
+            )
+            ax.set_xlim(xs[0], xs[-1])
+            ax.set_ylim(xs[0], xs[-1])
+    axes[0, 0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(
+        f"Reptile vs Sequential Reptile with i.i.d. (the paper's Algorithm 1) and round-robin "
+        f"task ids, {cfg.steps} outer steps (X task optima, + centroid, * end)",
+        fontsize=12,
+    )
+    fig.savefig(out_dir / "synthetic_order.png", dpi=90)
+    plt.close(fig)
 
 
 def run(
@@ -472,8 +569,9 @@ def run(
         _plot(out_dir, cfg, results, minima)
     sweep_rows = []
     if cfg.sweep:
-        sweep_rows = sweep(cfg, seed, minima, progress)
+        sweep_rows, sweep_trajectories = sweep(cfg, seed, minima, progress)
         writers.write_csv(out_dir / "synthetic_sweep.csv", sweep_rows)
+        _plot_order(out_dir, cfg, sweep_trajectories)
         print(writers.format_table(sweep_rows))
     summary = {
         "config": dataclasses.asdict(cfg) | {"budget": budget, "seed": seed},

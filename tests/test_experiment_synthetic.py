@@ -97,3 +97,30 @@ def test_outcome_at_the_chosen_settings(outcome):
     for s in range(len(synthetic.STARTS)):
         cos = {m: rs[s]["cos_final"] for m, rs in table.items()}
         assert max(cos, key=cos.get) != "Seq. Reptile", cos
+
+
+def test_at_larger_k_lr_reptile_reaches_the_centroid_and_seq_reptile_stays_in_minima():
+    """K·lr = 10 (Adam lr 0.1, K = 100 inner steps, η = 0.1), 100 outer steps.
+
+    Reptile's inner trajectories now reach their task optima, and its outer step averages
+    them: it ends at the centroid (10/3, 10/3), the interior point the paper describes.
+    Sequential Reptile, with the paper's i.i.d. task ids and with a fixed round-robin order
+    (`mg.uniform_tasks(order=...)`, via the experiment's `seq_order`), still ends in an MTL
+    local minimum (a task optimum) from every start: neither order gives it the interior.
+    """
+    centroid = synthetic.OPTIMA.mean(0)
+    ends = {}
+    for method, order in (("reptile", "iid"), ("seq_reptile", "iid"),
+                          ("seq_reptile", "round_robin")):  # fmt: skip
+        cfg = synthetic.Config(steps=100, optimizer="adam", inner_steps=100, seq_order=order)
+        assert cfg.inner_steps * cfg.lr == pytest.approx(10.0)
+        ends[method, order] = synthetic.run_method(method, cfg, seed=0)[0][:, -1]
+    to_centroid = {m: np.linalg.norm(e - centroid, axis=1) for m, e in ends.items()}
+    to_optimum = {
+        m: np.linalg.norm(e[:, None] - synthetic.OPTIMA[None], axis=2).min(1)
+        for m, e in ends.items()
+    }
+    assert np.all(to_centroid["reptile", "iid"] < 0.05), to_centroid
+    for order in ("iid", "round_robin"):
+        assert np.all(to_optimum["seq_reptile", order] < 0.2), (order, to_optimum)
+        assert np.all(to_centroid["seq_reptile", order] > 4.0), (order, to_centroid)

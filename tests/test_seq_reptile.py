@@ -190,3 +190,59 @@ def test_seq_reptile_bad_tasks():
         learner.step(state, (jnp.zeros(k), batches))
     with pytest.raises(ValueError, match="batches"):
         learner.step(state, (jnp.zeros(k, jnp.int32), _batches(0, k + 1)))
+
+
+# -- the task sampler's order: i.i.d. (Algorithm 1) or round-robin -------------------------------
+
+
+@pytest.mark.parametrize("num_tasks,num,start", [(3, 10, 0), (3, 10, 7), (4, 9, 2), (1, 5, 3)])
+def test_uniform_tasks_round_robin_is_a_fixed_cycle(num_tasks, num, start):
+    # Reference: a plain Python cycle through 0..T-1 from position `start`.
+    expected = [(start + i) % num_tasks for i in range(num)]
+    ids = mg.uniform_tasks(None, num_tasks, num, order="round_robin", start=start)
+    assert ids.dtype == jnp.int32 and ids.tolist() == expected
+    traced = jax.jit(
+        lambda s: mg.uniform_tasks(None, num_tasks, num, order="round_robin", start=s)
+    )(jnp.int32(start))
+    assert traced.tolist() == expected
+    # Continued across calls with start = step * num: every task equally often (within one)
+    # at every prefix, and exactly equally often over whole cycles.
+    ids = np.concatenate(
+        [
+            mg.uniform_tasks(None, num_tasks, num, order="round_robin", start=s * num)
+            for s in range(num_tasks)
+        ]  # fmt: skip
+    )
+    for prefix in range(1, len(ids) + 1):
+        counts = np.bincount(ids[:prefix], minlength=num_tasks)
+        assert counts.max() - counts.min() <= 1
+    assert len(set(np.bincount(ids, minlength=num_tasks))) == 1
+
+
+def test_uniform_tasks_iid_matches_the_categorical_distribution():
+    # Algorithm 1's t_k ~ Cat(p) with uniform p: frequencies 1/T, and independent consecutive
+    # draws (pair frequencies 1/T^2), which the round-robin order is not.
+    t, n = 3, 30_000
+    ids = np.asarray(mg.uniform_tasks(jax.random.PRNGKey(3), t, n))
+    assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < t
+    freq = np.bincount(ids, minlength=t) / n
+    np.testing.assert_allclose(freq, 1 / t, atol=4 * np.sqrt((1 / t) * (1 - 1 / t) / n))
+    pairs = np.bincount(ids[:-1] * t + ids[1:], minlength=t * t) / (n - 1)
+    np.testing.assert_allclose(pairs, 1 / t**2, atol=5 * np.sqrt(1 / t**2 / n))
+    # order="iid" is the default and the same draws.
+    key = jax.random.PRNGKey(4)
+    np.testing.assert_array_equal(
+        mg.uniform_tasks(key, t, 50, order="iid"), mg.uniform_tasks(key, t, 50)
+    )
+    rr = np.asarray(mg.uniform_tasks(None, t, n, order="round_robin"))
+    rr_pairs = np.bincount(rr[:-1] * t + rr[1:], minlength=t * t)
+    assert np.count_nonzero(rr_pairs) == t  # only (i, i+1 mod T) follow each other
+
+
+def test_uniform_tasks_bad_order_and_start():
+    with pytest.raises(ValueError, match="order"):
+        mg.uniform_tasks(jax.random.PRNGKey(0), 3, 4, order="cyclic")
+    with pytest.raises(TypeError, match="start"):
+        mg.uniform_tasks(None, 3, 4, order="round_robin", start=1.5)
+    with pytest.raises(TypeError, match="start"):
+        mg.uniform_tasks(None, 3, 4, order="round_robin", start=jnp.arange(2))

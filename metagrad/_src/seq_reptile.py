@@ -56,7 +56,9 @@ def seq_reptile(
 
     ``outer = optax.sgd(eta)`` (or the float ``eta``) is the paper's
     φ ← φ − η·MG (η = 0.1 in the paper, with AdamW inner steps). Draw the task
-    ids with `sample_tasks` and `task_probs` (the paper's p_t ∝ N_t^q).
+    ids with `sample_tasks` and `task_probs` (the paper's i.i.d. t_k ~ Cat(p),
+    p_t ∝ N_t^q), or with `uniform_tasks` (``order="round_robin"`` visits the
+    tasks in a fixed cyclic order instead, which the paper does not do).
 
     Input format: ``tasks = (task_ids, batches)`` with ``task_ids`` an int
     array of shape ``[K]`` and every leaf of ``batches`` of shape ``[K, ...]``

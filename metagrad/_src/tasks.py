@@ -141,13 +141,33 @@ def sample_tasks(key: chex.PRNGKey, probs: Any, num: int, *, replace: bool = Tru
     return ids.astype(jnp.int32)
 
 
-def uniform_tasks(key: chex.PRNGKey, num_tasks: int, num: int) -> jax.Array:
-    """Draws ``num`` task indices uniformly from ``range(num_tasks)`` (int32, i.i.d.).
+def uniform_tasks(
+    key: chex.PRNGKey,
+    num_tasks: int,
+    num: int,
+    *,
+    order: str = "iid",
+    start: int | jax.Array = 0,
+) -> jax.Array:
+    """Draws ``num`` task indices from ``range(num_tasks)``, i.i.d. or round-robin.
+
+    ``order="iid"`` (default): i.i.d. uniform draws, t_k ~ Cat(1/T, ..., 1/T),
+    as Sequential Reptile's Algorithm 1 samples its K task ids (Lee et al.,
+    2022, line 5, with uniform p). ``order="round_robin"``: no randomness
+    (``key`` is unused), draw i is task ``(start + i) mod T``, so the tasks are
+    visited in the fixed order 0, 1, ..., T−1, 0, 1, ...; a training loop that
+    passes ``start = step * num`` (traced is fine) continues the cycle across
+    calls and visits every task equally often (within one) at every prefix.
+    Round-robin is not the paper's sampler; it is an option for comparing the
+    two.
 
     Args:
-      key: a PRNG key.
+      key: a PRNG key (unused by ``order="round_robin"``).
       num_tasks: T >= 1, the number of tasks.
       num: how many indices to draw (static, >= 1).
+      order: ``"iid"`` or ``"round_robin"``.
+      start: the position of the first draw in the round-robin cycle (an int
+        or int scalar array; ignored by ``"iid"``).
 
     Returns:
       int32 array of shape ``[num]`` with values in ``[0, num_tasks)``.
@@ -157,9 +177,18 @@ def uniform_tasks(key: chex.PRNGKey, num_tasks: int, num: int) -> jax.Array:
       >>> import metagrad as mg
       >>> print(mg.uniform_tasks(jax.random.PRNGKey(0), 4, 3).shape)
       (3,)
+      >>> print(mg.uniform_tasks(None, 3, 5, order="round_robin", start=2).tolist())
+      [2, 0, 1, 2, 0]
     """
     num_tasks = _checks.positive_int("num_tasks", num_tasks)
     num = _checks.positive_int("num", num)
+    order = _checks.one_of("order", order, ("iid", "round_robin"))
+    if order == "round_robin":
+        start = jnp.asarray(start)
+        if start.shape != () or not jnp.issubdtype(start.dtype, jnp.integer):
+            raise TypeError(f"start must be an int scalar, got {start!r}")
+        position = start.astype(jnp.int32) + jnp.arange(num, dtype=jnp.int32)
+        return position % jnp.int32(num_tasks)
     return jax.random.randint(key, (num,), 0, num_tasks, dtype=jnp.int32)
 
 
