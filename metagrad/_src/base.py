@@ -1,4 +1,4 @@
-"""Types shared by metagrad's meta-learners."""
+"""Types and building blocks shared by metagrad's meta-learners."""
 
 from __future__ import annotations
 
@@ -94,3 +94,58 @@ def global_norm(tree: Any) -> jax.Array:
     safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     total = sum(jnp.sum(jnp.square(x.astype(dtype) / safe)) for x in leaves)
     return safe * jnp.sqrt(total)
+
+
+def _varying_axes(x: Any) -> frozenset:
+    """The mapped axes a value is typed as varying over (empty outside `jax.shard_map`)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # JAX <= 0.8
+    if vma is None:  # later JAX: ShapedArray.manual_axis_type.varying
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    return frozenset(vma)
+
+
+def to_varying(tree: Any, axis_name: str | None) -> Any:
+    """Marks `tree` as varying over the mapped axis ``axis_name``.
+
+    Inside `jax.shard_map`, JAX transposes the implicit broadcast of a
+    replicated value into a ``psum``: a gradient with respect to replicated
+    params comes back summed over devices. Marking the params as
+    device-varying first keeps each device's gradient local, so the caller
+    decides how to combine them (a ``pmean``). Leaves already varying, and
+    everything when ``axis_name`` is None, pass through.
+    """
+    if axis_name is None:
+        return tree
+    pcast = getattr(jax.lax, "pcast", None)
+    if pcast is None:  # older JAX: no varying-axes types, gradients stay local
+        return tree
+
+    def leaf(x):
+        if axis_name in _varying_axes(x):
+            return x
+        return pcast(x, axis_name, to="varying")
+
+    return jax.tree.map(leaf, tree)
+
+
+def to_invariant(tree: Any, axis_name: str | None) -> Any:
+    """Marks values equal on every device as device-invariant again.
+
+    A value computed from `to_varying` params (e.g. a carry that depends on learned
+    inner-rule parameters) is typed device-varying under ``shard_map(check_vma=True)``
+    even when every device holds the same number. Such leaves are averaged over the axis
+    (``pmax`` for integers), which leaves equal values unchanged up to rounding and makes
+    them invariant; leaves not varying pass through.
+    """
+    if axis_name is None:
+        return tree
+
+    def leaf(x):
+        if axis_name not in _varying_axes(x):
+            return x
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jax.lax.pmean(x, axis_name)
+        return jax.lax.pmax(x, axis_name)
+
+    return jax.tree.map(leaf, tree)

@@ -23,25 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metagrad._src import base as _base
 from metagrad._src import checks as _checks
 from metagrad._src import inner_mask as _mask
 from metagrad._src import loops as _loops
-from metagrad._src.adapt import to_invariant, to_varying
-from metagrad._src.base import (
-    LossFn,
-    MetaLearner,
-    Params,
-    global_norm,
-    keep_if_finite,
-    mean_over_tasks,
-)
+from metagrad._src.base import LossFn, MetaLearner, Params
+from metagrad._src.inner_loop import broadcast, check_loss, inner_loop, start_step
 from metagrad._src.inner_rules import InnerRule, as_inner_rule
-from metagrad._src.maml_loop import (
-    broadcast,
-    check_loss,
-    inner_loop,
-    start_step,
-)
 from metagrad._src.maml_pp import maml_pp_weights
 
 
@@ -340,7 +328,7 @@ def maml(
             metrics = {"loss": loss, "loss_pre": jnp.mean(outs["support_loss"][0])}
             metrics["loss_post"] = post
             if alignment:
-                metrics["alignment"] = outs["alignment"][0]
+                metrics["alignment"] = outs["alignment"]
             return loss, (metrics, istate, carry)
 
         diff = (state.params, state.inner_params)
@@ -351,7 +339,7 @@ def maml(
         def value_and_grad(order):
             grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
             value, (grads, _) = grad_fn(
-                to_varying(diff, axis_name), to_varying(carry_floats, axis_name), order
+                _base.to_varying(diff, axis_name), _base.to_varying(carry_floats, axis_name), order
             )
             return value, grads
 
@@ -364,21 +352,21 @@ def maml(
             )
         else:
             (_, (metrics, istate, carry)), grads = value_and_grad(first_order)
-        istate = None if reset_inner_state else mean_over_tasks(istate, axis_name)
+        istate = None if reset_inner_state else _base.mean_over_tasks(istate, axis_name)
         if axis_name is not None:
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
-        metrics["meta_grad_norm"] = global_norm(grads)
+        metrics["meta_grad_norm"] = _base.global_norm(grads)
         updates, outer_state = outer.update(grads, state.outer_state, diff)
         params, inner_params = optax.apply_updates(diff, updates)
-        carry = to_invariant(jax.lax.stop_gradient(carry), axis_name)
+        carry = _base.to_invariant(jax.lax.stop_gradient(carry), axis_name)
         new_state = MAMLState(
             params=params,
             inner_params=inner_params,
             outer_state=outer_state,
             # A non-finite task must not poison the state carried to later steps. The check
             # runs on the loop form of the carry (one flat vector for grad_share), same values.
-            carry=keep_if_finite(restore_carry(carry), state.carry, check=carry),
-            inner_state=keep_if_finite(istate, state.inner_state),
+            carry=_base.keep_if_finite(restore_carry(carry), state.carry, check=carry),
+            inner_state=_base.keep_if_finite(istate, state.inner_state),
             count=state.count + 1,
         )
         return new_state, metrics

@@ -17,12 +17,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metagrad._src import base as _base
 from metagrad._src import checks as _checks
 from metagrad._src import loops as _loops
-from metagrad._src.adapt import adapt, inner_loop, to_varying
-from metagrad._src.base import MetaLearner, global_norm, keep_if_finite, mean_over_tasks
-from metagrad._src.diagnostics import mean_pairwise_cosine
-from metagrad._src.maml_loop import check_alignment, check_loss, check_tasks
+from metagrad._src.adapt import adapt
+from metagrad._src.base import MetaLearner
+from metagrad._src.inner_loop import broadcast, check_alignment, check_loss, check_tasks, inner_loop
+from metagrad._src.inner_rules import as_inner_rule
 
 Params = chex.ArrayTree
 
@@ -147,6 +148,7 @@ def reptile(
     """
     _checks.callable_("loss_fn", loss_fn)
     inner = _checks.as_optimizer("inner", inner)
+    rule = as_inner_rule(inner)
     inner_steps = _checks.positive_int("inner_steps", inner_steps)
     outer_tx = _checks.outer_optimizer("outer", outer)
     _checks.booleans(
@@ -170,7 +172,6 @@ def reptile(
             _checks.stacked("tasks: support", support, (None, inner_steps), what)
         check_alignment(alignment, num_tasks)
         phi = state.params
-        inner_state = inner.init(phi) if reset_inner_state else state.inner_state
         first = (jax.tree.map(lambda x: x[:, 0], support),) if batch_per_step else (support,)
         task_mode, step_mode = _loops.resolve(
             task_loop,
@@ -179,18 +180,19 @@ def reptile(
             num_steps=inner_steps,
             jaxpr=check_loss(loss_fn, phi, first),
         )
-
-        def task_run(start, batches):
-            return inner_loop(
-                loss_fn, inner, *start, batches, inner_steps, batch_per_step=batch_per_step,
-                keep_first_grad=alignment, step_loop=step_mode,
-            )  # fmt: skip
-
+        if reset_inner_state:
+            inner_states = jax.vmap(inner.init)(broadcast(phi, num_tasks))
+        else:
+            inner_states = broadcast(state.inner_state, num_tasks)
         # Each device adapts its own tasks: see `to_varying` for why φ is cast.
-        start = to_varying((phi, inner_state), axis_name)
+        thetas, inner_states, _, outs = inner_loop(
+            loss_fn, rule, _base.to_varying(phi, axis_name), (), (), inner_states, support,
+            None, inner_steps, task_loop=task_mode, step_loop=step_mode, alignment=alignment,
+            batch_per_step=batch_per_step,
+        )  # fmt: skip
         run_tasks = _loops.TaskLoop(task_mode, num_tasks)
-        thetas, inner_states, losses, first_grads = run_tasks.map(task_run, start, support, True)
         query_losses = run_tasks.map(loss_fn, thetas, query, False)
+        thetas = run_tasks.stacked(thetas, False)
         meta_grad = jax.tree.map(lambda p, t: jnp.mean(p[None] - t, axis=0), phi, thetas)
         if axis_name is not None:
             meta_grad = jax.lax.pmean(meta_grad, axis_name)
@@ -199,17 +201,17 @@ def reptile(
         loss_post = jnp.mean(query_losses)
         metrics = {
             "loss": loss_post,
-            "loss_pre": jnp.mean(losses[:, 0]),
+            "loss_pre": jnp.mean(outs["support_loss"][0]),
             "loss_post": loss_post,
-            "meta_grad_norm": global_norm(meta_grad),
+            "meta_grad_norm": _base.global_norm(meta_grad),
         }
         if alignment:
-            metrics["alignment"] = mean_pairwise_cosine(first_grads)
+            metrics["alignment"] = outs["alignment"]
         new_inner_state = None
         if not reset_inner_state:
             # A non-finite task must not poison the state carried to later steps.
-            new_inner_state = keep_if_finite(
-                mean_over_tasks(inner_states, axis_name), state.inner_state
+            new_inner_state = _base.keep_if_finite(
+                _base.mean_over_tasks(inner_states, axis_name), state.inner_state
             )
         if axis_name is not None:
             metrics = jax.lax.pmean(metrics, axis_name)

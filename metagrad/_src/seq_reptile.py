@@ -22,7 +22,7 @@ import optax
 
 from metagrad._src import checks as _checks
 from metagrad._src import loops as _loops
-from metagrad._src.adapt import adapt, inner_loop
+from metagrad._src.adapt import adapt, one_task
 from metagrad._src.base import MetaLearner, global_norm, keep_if_finite
 from metagrad._src.diagnostics import mean_pairwise_cosine, task_gradients
 from metagrad._src.reptile import ReptileState
@@ -186,7 +186,7 @@ def seq_reptile(
             num_steps=inner_steps,
             jaxpr=_loops.trace_loss(tagged_loss, phi, one)[0],
         )
-        theta, inner_state, losses, _ = inner_loop(
+        theta, inner_state, losses = one_task(
             tagged_loss,
             inner,
             phi,

@@ -1,7 +1,8 @@
-"""The MAML inner loop and the checks of a MAML step's inputs (private to `metagrad.maml`).
+"""The inner loop of every meta-learner, and the checks of a meta-step's inputs (private).
 
-One inner loop for every execution strategy (`metagrad._src.loops`): the maths is the same, the
-task axis and the inner steps are executed as the learner's ``task_loop`` / ``step_loop`` say.
+One inner loop for every learner and every execution strategy (`metagrad._src.loops`): the
+maths is the same, the task axis and the inner steps are executed as the learner's
+``task_loop`` / ``step_loop`` say.
 """
 
 from __future__ import annotations
@@ -103,65 +104,84 @@ def check_loss(loss_fn: LossFn, params: Any, tasks: Any) -> Any:
 
 def inner_loop(
     loss_fn, rule, params, inner_params, carry, state, support, query, num_steps, *,
-    first_order, remat, step_query, alignment, task_loop, step_loop,
+    task_loop, step_loop, first_order=False, remat=False, step_query=False, alignment=False,
+    batch_per_step=False, value_and_grad=None,
 ):  # fmt: skip
     """Runs `num_steps` inner steps on a task batch from the shared initialization `params`.
 
-    `state`, `support` and `query` carry the task axis, `params` does not. Returns the
-    adapted params in `task_loop`'s representation (`_loops.TaskLoop`), the rule's state
-    and carry, and the per-step outputs stacked along a leading step axis. Until the first
-    update the params are shared by all tasks: the first step's gradients are taken at the
-    unbroadcast params (with ``"vmap"``, one plain batched program instead of one over
-    copies of the weights, which for a convolution would be a grouped convolution).
+    The one inner loop of metagrad: `metagrad.maml` (and the learners built on it),
+    `metagrad.imaml`, `metagrad.reptile`, `metagrad.seq_reptile` and `metagrad.adapt` (the
+    last two as a batch of one task). At step k every task takes its support gradient, then
+    `rule` (an `InnerRule`; `inner_rules.as_inner_rule` makes one of an optax optimizer)
+    turns the task batch's gradients into updates.
+
+    `state` and `support` (and `query`) carry the task axis, `params` does not; with
+    ``batch_per_step`` the support leaves are ``[T, num_steps, ...]`` and step k uses slice
+    k, else every step uses the same batch. ``value_and_grad(params, batch) -> (loss,
+    grads)`` replaces ``jax.value_and_grad(loss_fn)`` (iMAML's proximal gradient, Sequential
+    Reptile's gradient averaged over a data-parallel axis); ``loss_fn`` then only evaluates
+    the query batches (``step_query``). ``first_order`` stops the gradient through the inner
+    gradients, ``remat`` rematerializes each step in the backward pass.
+
+    Returns the adapted params in `task_loop`'s representation (`_loops.TaskLoop`), the
+    rule's state and carry, and the outputs: ``"support_loss"`` (``[num_steps, T]``, the
+    loss before each step), ``"query_loss"`` (the same shape, after each step; with
+    ``step_query``) and ``"alignment"`` (the mean pairwise cosine of the first step's
+    gradients; with ``alignment``). Until the first update the params are shared by all
+    tasks: the first step's gradients are taken at the unbroadcast params (with ``"vmap"``,
+    one plain batched program instead of one over copies of the weights, which for a
+    convolution would be a grouped convolution).
     """
     num_tasks = jax.tree.leaves(support)[0].shape[0]
     tasks = _loops.TaskLoop(task_loop, num_tasks)
-    value_and_grad = jax.value_and_grad(loss_fn)
+    if value_and_grad is None:
+        value_and_grad = jax.value_and_grad(loss_fn)
 
-    def one_step(params, state, carry, k, shared):
-        losses, grads = tasks.map(value_and_grad, params, support, shared)
+    def batch_at(k):
+        if not batch_per_step:
+            return support
+        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, False), support)
+
+    def one_step(params, state, carry, k, first):
+        losses, grads = tasks.map(value_and_grad, params, batch_at(k), first)
         if first_order:
             grads = jax.lax.stop_gradient(grads)
         out = {"support_loss": losses}
-        if alignment:
+        if alignment and first:
             out["alignment"] = mean_pairwise_cosine(grads)
-        batched = tasks.stacked(params, shared)
+        batched = tasks.stacked(params, first)
         updates, state, carry = rule.update(grads, state, batched, inner_params, carry, k)
         params = tasks.add(params, updates)
         if step_query:
             out["query_loss"] = tasks.map(loss_fn, params, query, False)
         return params, state, carry, out
 
-    def step(shared, prevent_cse):
+    def step(first, prevent_cse):
         def body(c, k, _):
-            params, state, carry, out = one_step(*c, k, shared)
+            params, state, carry, out = one_step(*c, k, first)
             return (params, state, carry), out
 
         return jax.checkpoint(body, prevent_cse=prevent_cse) if remat else body
 
     c = (tasks.start(params), state, carry)
-    if step_loop == "unroll":
-        # Unrolled, remat needs CSE prevention (XLA would otherwise merge the recomputation
-        # with the forward pass); the first step runs at the shared params.
-        c, out0 = step(True, True)(c, jnp.zeros((), jnp.int32), None)
-        rest = num_steps - 1
-        if rest:
-            c, outs = _loops.run_steps(step(False, True), c, rest, "unroll", start=1)
-    else:
-        # Stacked params: the first step is peeled off the scan to run at the shared params.
-        # Per-task params (`"unroll"` tasks) need no peeling.
-        peel = task_loop != "unroll"
-        if peel:
-            c, out0 = step(True, False)(c, jnp.zeros((), jnp.int32), None)
-        rest = num_steps - 1 if peel else num_steps
-        if rest:
-            c, outs = _loops.run_steps(step(False, False), c, rest, "scan", start=num_steps - rest)
-        if not peel:
-            return (*c, outs)
-    if rest:
+    # The first step is peeled off the loop: it runs at the shared params (stacked params
+    # only; per-task params, `"unroll"` tasks, need no peeling in a scan) and it alone
+    # measures the alignment. Unrolled, remat needs CSE prevention (XLA would otherwise merge
+    # the recomputation with the forward pass).
+    unrolled = step_loop == "unroll"
+    peel = unrolled or task_loop != "unroll" or alignment
+    if not peel:
+        c, outs = _loops.run_steps(step(False, False), c, num_steps, "scan")
+        return (*c, outs)
+    c, out0 = step(True, unrolled)(c, jnp.zeros((), jnp.int32), None)
+    align = out0.pop("alignment", None)
+    if num_steps > 1:
+        c, outs = _loops.run_steps(step(False, unrolled), c, num_steps - 1, step_loop, start=1)
         outs = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), out0, outs)
     else:
         outs = jax.tree.map(lambda a: a[None], out0)
+    if align is not None:
+        outs["alignment"] = align
     return (*c, outs)
 
 
