@@ -44,7 +44,7 @@ def as_arrays(tree: Any) -> Any:
     return jax.tree.map(convert, tree)
 
 
-def keep_if_finite(new: Any, old: Any, *, check: Any = None) -> Any:
+def keep_if_finite(new: Any, old: Any, *, check: Any = None, axis_name: Any = None) -> Any:
     """`new` if all float leaves of `check` (default: `new`) are finite, else `old`, traceable.
 
     The one finite guard of persistent state: a carried inner-optimizer state, gradient
@@ -52,13 +52,17 @@ def keep_if_finite(new: Any, old: Any, *, check: Any = None) -> Any:
     poison every later step, and a guard on the outer optimizer (`optax.apply_if_finite`) could
     then only delay the NaN. Keeping the previous value makes a skipped step leave no trace.
     `new` and `old` have the same structure; `check` may be another tree (e.g. the form of the
-    state that was computed, before it is converted to the stored form).
+    state that was computed, before it is converted to the stored form). With ``axis_name``
+    each device holds a slice of `check`: the devices agree (all finite, or keep `old`), so
+    that they keep equal states.
     """
     check = new if check is None else check
     floats = [x for x in jax.tree.leaves(check) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     if not floats:
         return new
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
+    if axis_name is not None:
+        ok = jax.lax.psum(jnp.where(ok, 0, 1), axis_name) == 0
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
@@ -90,7 +94,7 @@ def global_norm(tree: Any) -> jax.Array:
     if not leaves:
         return jnp.zeros([])
     dtype = jnp.result_type(*leaves)
-    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
+    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]))
     safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     total = sum(jnp.sum(jnp.square(x.astype(dtype) / safe)) for x in leaves)
     return safe * jnp.sqrt(total)
