@@ -14,11 +14,10 @@ import optax
 
 from metagrad._src import base as _base
 from metagrad._src import checks as _checks
-from metagrad._src import loops as _loops
 from metagrad._src.adapt import one_task
 from metagrad._src.base import LossFn, MetaLearner, Params
 from metagrad._src.hvp import hvp as _hvp
-from metagrad._src.inner_loop import broadcast, inner_loop, start_step
+from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
 from metagrad._src.inner_rules import as_inner_rule
 
 
@@ -136,16 +135,14 @@ def imaml(
       Rajeswaran et al., `Meta-Learning with Implicit Gradients
       <https://arxiv.org/abs/1909.04630>`_, NeurIPS 2019.
     """
-    _checks.callable_("loss_fn", loss_fn)
+    inner_steps, outer = check_learner(
+        loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
+        step_loop=step_loop, reset_inner_state=reset_inner_state, alignment=alignment,
+    )  # fmt: skip
     inner = _checks.as_optimizer("inner", inner)
     rule = as_inner_rule(inner)
-    inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    outer = _checks.outer_optimizer("outer", outer)
     lam = _checks.positive_float("lam", lam)
     cg_steps = _checks.positive_int("cg_steps", cg_steps)
-    _checks.booleans(reset_inner_state=reset_inner_state, alignment=alignment)
-    _checks.axis_name(axis_name)
-    _loops.check(task_loop, step_loop)
     grad_fn = jax.grad(loss_fn)
 
     def init(params):
@@ -183,22 +180,20 @@ def imaml(
         return meta_grad, out
 
     def step(state, tasks):
-        support, query, num_tasks, loops = start_step(
+        support, query, run_tasks, step_mode = start_step(
             loss_fn, state.params, tasks, alignment=alignment, task_loop=task_loop,
             step_loop=step_loop, num_steps=inner_steps,
         )  # fmt: skip
-        run_tasks = _loops.TaskLoop(loops[0], num_tasks)
         # Device-varying params: gradients taken on each device's tasks stay local until
         # the pmean below (see metagrad.maml).
         phi = _base.to_varying(state.params, axis_name)
-        if reset_inner_state:
-            istate0 = jax.vmap(inner.init)(broadcast(phi, num_tasks))
-        else:
-            istate0 = broadcast(state.inner_state, num_tasks)
+        istate0 = task_states(
+            inner.init, phi, state.inner_state, run_tasks.num_tasks, reset=reset_inner_state
+        )
         # The proximal inner loop: θ_t* ≈ argmin L_t^s(θ) + (λ/2)‖θ − φ‖², never differentiated.
         thetas, istate, _, inner_outs = inner_loop(
             loss_fn, rule, phi, (), (), istate0, support, None, inner_steps,
-            task_loop=loops[0], step_loop=loops[1], alignment=alignment,
+            task_loop=run_tasks.mode, step_loop=step_mode, alignment=alignment,
             value_and_grad=prox_value_and_grad(phi),
         )  # fmt: skip
         grads, outs = run_tasks.map(

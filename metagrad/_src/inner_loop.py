@@ -1,4 +1,4 @@
-"""The inner loop of every meta-learner, and the checks of a meta-step's inputs (private).
+"""The inner loop of every meta-learner, and the checks of its arguments and inputs (private).
 
 One inner loop for every learner and every execution strategy (`metagrad._src.loops`): the
 maths is the same, the task axis and the inner steps are executed as the learner's
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metagrad._src import checks as _checks
 from metagrad._src import loops as _loops
 from metagrad._src.base import LossFn
 from metagrad._src.diagnostics import mean_pairwise_cosine
@@ -59,16 +60,47 @@ def check_alignment(alignment: bool, num_tasks: int) -> None:
         )
 
 
-def start_step(loss_fn, params, tasks, *, alignment, task_loop, step_loop, num_steps):
+def check_learner(loss_fn, inner_steps, outer, *, axis_name, task_loop, step_loop, **flags):
+    """The checks of the arguments every meta-learner takes (CONVENTIONS 7), each error naming
+    its parameter: ``loss_fn``, ``inner_steps``, ``outer``, the device axis, the execution
+    strategies and the bool keywords given in ``flags`` (``reset_inner_state``,
+    ``alignment``, ...). Returns ``inner_steps`` and ``outer`` as the learner uses them (an
+    int, an optax transformation)."""
+    _checks.callable_("loss_fn", loss_fn)
+    inner_steps = _checks.positive_int("inner_steps", inner_steps)
+    outer = _checks.outer_optimizer("outer", outer)
+    _checks.booleans(**flags)
+    _checks.axis_name(axis_name)
+    _loops.check(task_loop, step_loop)
+    return inner_steps, outer
+
+
+def start_step(
+    loss_fn, params, tasks, *, alignment, task_loop, step_loop, num_steps, batch_per_step=False
+):
     """What every ``(support, query)`` learner's step starts with: its input checks and the
-    execution strategy "auto" resolves to. Returns ``(support, query, num_tasks, loops)``."""
+    execution strategies "auto" resolves to. With ``batch_per_step`` the support leaves are
+    ``[T, num_steps, ...]``. Returns ``(support, query, tasks, step_loop)``, ``tasks`` the
+    `_loops.TaskLoop` of the task batch."""
     support, query, num_tasks = check_tasks(tasks)
+    if batch_per_step:
+        what = "[num_tasks, inner_steps, ...] (batch_per_step=True)"
+        _checks.stacked("tasks: support", support, (None, num_steps), what)
+        tasks = (jax.tree.map(lambda x: x[:, 0], support),)
     check_alignment(alignment, num_tasks)
     jaxpr = check_loss(loss_fn, params, tasks)
-    loops = _loops.resolve(
+    task_loop, step_loop = _loops.resolve(
         task_loop, step_loop, num_tasks=num_tasks, num_steps=num_steps, jaxpr=jaxpr
     )
-    return support, query, num_tasks, loops
+    return support, query, _loops.TaskLoop(task_loop, num_tasks), step_loop
+
+
+def task_states(init_state, params, kept, num_tasks, *, reset):
+    """The per-task inner states at the first inner step: ``init_state(params)`` for every
+    task when ``reset``, else the state ``kept`` from the previous outer step, broadcast."""
+    if reset:
+        return jax.vmap(init_state)(broadcast(params, num_tasks))
+    return broadcast(kept, num_tasks)
 
 
 def describe(tree: Any) -> str:

@@ -20,17 +20,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from metagrad._src import base as _base
 from metagrad._src import checks as _checks
 from metagrad._src import inner_mask as _mask
 from metagrad._src import loops as _loops
+from metagrad._src import maml_pp as _pp
 from metagrad._src.base import LossFn, MetaLearner, Params
-from metagrad._src.inner_loop import broadcast, check_loss, inner_loop, start_step
+from metagrad._src.inner_loop import check_learner, check_loss, inner_loop, start_step, task_states
 from metagrad._src.inner_rules import InnerRule, as_inner_rule
-from metagrad._src.maml_pp import maml_pp_weights
 
 
 class MAMLState(NamedTuple):
@@ -217,40 +216,14 @@ def maml(
       Finn et al., `Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks
       <https://arxiv.org/abs/1703.03400>`_, 2017.
     """
-    _checks.callable_("loss_fn", loss_fn)
+    inner_steps, outer = check_learner(
+        loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
+        step_loop=step_loop, remat=remat, reset_inner_state=reset_inner_state,
+        alignment=alignment,
+    )  # fmt: skip
     rule = as_inner_rule(inner, "inner")
-    inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    _checks.axis_name(axis_name)
-    _loops.check(task_loop, step_loop)
-    outer = _checks.outer_optimizer("outer", outer)
-    anneal_order = not isinstance(first_order, bool)
-    if anneal_order:
-        if not isinstance(first_order, (int, np.integer)):
-            raise TypeError(f"first_order must be a bool or an int >= 1, got {first_order!r}")
-        first_order = _checks.positive_int("first_order", int(first_order))
-    for name, flag in [
-        ("remat", remat),
-        ("reset_inner_state", reset_inner_state),
-        ("alignment", alignment),
-    ]:
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
-    if isinstance(multi_step_loss, bool) or not (
-        multi_step_loss is None
-        or callable(multi_step_loss)
-        or isinstance(multi_step_loss, (int, np.integer))
-    ):
-        raise TypeError(
-            f"multi_step_loss must be None, an int or a callable, got {multi_step_loss!r}"
-        )
-    if isinstance(multi_step_loss, (int, np.integer)):
-        anneal = _checks.positive_int("multi_step_loss", multi_step_loss)
-
-        def weights_fn(count):
-            return maml_pp_weights(inner_steps, anneal, count)
-
-    else:
-        weights_fn = multi_step_loss
+    first_order, anneal_order = _pp.derivative_order(first_order)
+    weights_fn = _pp.multi_step_weights(multi_step_loss, inner_steps)
     step_query = weights_fn is not None
     eval_carry = rule.eval_carry or (lambda c: c)
 
@@ -280,25 +253,20 @@ def maml(
         )
 
     def start_state(state, num_tasks):
-        if reset_inner_state:
-            return jax.vmap(rule.init_state)(broadcast(adapted(state.params)[0], num_tasks))
-        return broadcast(state.inner_state, num_tasks)
+        return task_states(
+            rule.init_state, adapted(state.params)[0], state.inner_state, num_tasks,
+            reset=reset_inner_state,
+        )  # fmt: skip
 
     def step(state, tasks):
-        support, query, num_tasks, loops = start_step(
+        support, query, run_tasks, step_mode = start_step(
             loss_fn, state.params, tasks, alignment=alignment, task_loop=task_loop,
             step_loop=step_loop, num_steps=inner_steps,
         )  # fmt: skip
-        run_tasks = _loops.TaskLoop(loops[0], num_tasks)
         carry0, restore_carry = loop_carry(jax.lax.stop_gradient(state.carry))
-        istate0 = start_state(state, num_tasks)
+        istate0 = start_state(state, run_tasks.num_tasks)
         if step_query:
-            weights = jax.lax.stop_gradient(jnp.asarray(weights_fn(state.count)))
-            if weights.shape != (inner_steps,):
-                raise ValueError(
-                    f"multi_step_loss must return inner_steps = {inner_steps} weights, "
-                    f"got shape {weights.shape}"
-                )
+            weights = _pp.step_weights(weights_fn, state.count, inner_steps)
 
         # The carry enters the differentiated function as an argument (its gradient is
         # dropped): the carry of a rule with learned parameters (grad_share's G) gets a
@@ -317,8 +285,8 @@ def maml(
             params_t, istate, carry, outs = inner_loop(
                 task_loss, rule, params, inner_params, carry0, istate0,
                 support, query, inner_steps, first_order=first_order, remat=remat,
-                step_query=step_query, alignment=alignment, task_loop=loops[0],
-                step_loop=loops[1],
+                step_query=step_query, alignment=alignment, task_loop=run_tasks.mode,
+                step_loop=step_mode,
             )  # fmt: skip
             if step_query:
                 per_step = jnp.mean(outs["query_loss"], axis=1)

@@ -9,6 +9,7 @@ meta-batch of tasks whose meta-gradients φ − θ_K are averaged (references in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -19,10 +20,9 @@ import optax
 
 from metagrad._src import base as _base
 from metagrad._src import checks as _checks
-from metagrad._src import loops as _loops
 from metagrad._src.adapt import adapt
 from metagrad._src.base import MetaLearner
-from metagrad._src.inner_loop import broadcast, check_alignment, check_loss, check_tasks, inner_loop
+from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
 from metagrad._src.inner_rules import as_inner_rule
 
 Params = chex.ArrayTree
@@ -41,6 +41,22 @@ class ReptileState(NamedTuple):
     params: Params
     outer_state: optax.OptState
     inner_state: optax.OptState | None
+
+
+def reptile_init(
+    outer: optax.GradientTransformation,
+    inner: optax.GradientTransformation,
+    reset_inner_state: bool,
+    params: Params,
+) -> ReptileState:
+    """The ``init`` of `reptile` and `seq_reptile`: the outer state at ``params``, and the
+    inner state to carry (None when reset at every outer step)."""
+    params = jax.tree.map(jnp.asarray, params)
+    return ReptileState(
+        params=params,
+        outer_state=outer.init(params),
+        inner_state=None if reset_inner_state else inner.init(params),
+    )
 
 
 def reptile(
@@ -146,51 +162,29 @@ def reptile(
       Low-Resource Natural Language Understanding Tasks
       <https://arxiv.org/abs/1908.10423>`_, EMNLP 2019.
     """
-    _checks.callable_("loss_fn", loss_fn)
+    inner_steps, outer_tx = check_learner(
+        loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
+        step_loop=step_loop, batch_per_step=batch_per_step,
+        reset_inner_state=reset_inner_state, alignment=alignment,
+    )  # fmt: skip
     inner = _checks.as_optimizer("inner", inner)
     rule = as_inner_rule(inner)
-    inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    outer_tx = _checks.outer_optimizer("outer", outer)
-    _checks.booleans(
-        batch_per_step=batch_per_step, reset_inner_state=reset_inner_state, alignment=alignment
-    )
-    _checks.axis_name(axis_name)
-    _loops.check(task_loop, step_loop)
-
-    def init_fn(params):
-        params = jax.tree.map(jnp.asarray, params)
-        return ReptileState(
-            params=params,
-            outer_state=outer_tx.init(params),
-            inner_state=None if reset_inner_state else inner.init(params),
-        )
 
     def step_fn(state, tasks):
-        support, query, num_tasks = check_tasks(tasks)
-        if batch_per_step:
-            what = "[num_tasks, inner_steps, ...] (batch_per_step=True)"
-            _checks.stacked("tasks: support", support, (None, inner_steps), what)
-        check_alignment(alignment, num_tasks)
+        support, query, run_tasks, step_mode = start_step(
+            loss_fn, state.params, tasks, alignment=alignment, task_loop=task_loop,
+            step_loop=step_loop, num_steps=inner_steps, batch_per_step=batch_per_step,
+        )  # fmt: skip
         phi = state.params
-        first = (jax.tree.map(lambda x: x[:, 0], support),) if batch_per_step else (support,)
-        task_mode, step_mode = _loops.resolve(
-            task_loop,
-            step_loop,
-            num_tasks=num_tasks,
-            num_steps=inner_steps,
-            jaxpr=check_loss(loss_fn, phi, first),
+        inner_states = task_states(
+            inner.init, phi, state.inner_state, run_tasks.num_tasks, reset=reset_inner_state
         )
-        if reset_inner_state:
-            inner_states = jax.vmap(inner.init)(broadcast(phi, num_tasks))
-        else:
-            inner_states = broadcast(state.inner_state, num_tasks)
         # Each device adapts its own tasks: see `to_varying` for why φ is cast.
         thetas, inner_states, _, outs = inner_loop(
             loss_fn, rule, _base.to_varying(phi, axis_name), (), (), inner_states, support,
-            None, inner_steps, task_loop=task_mode, step_loop=step_mode, alignment=alignment,
+            None, inner_steps, task_loop=run_tasks.mode, step_loop=step_mode, alignment=alignment,
             batch_per_step=batch_per_step,
         )  # fmt: skip
-        run_tasks = _loops.TaskLoop(task_mode, num_tasks)
         query_losses = run_tasks.map(loss_fn, thetas, query, False)
         thetas = run_tasks.stacked(thetas, False)
         meta_grad = jax.tree.map(lambda p, t: jnp.mean(p[None] - t, axis=0), phi, thetas)
@@ -226,7 +220,7 @@ def reptile(
         )
 
     return MetaLearner(
-        init=init_fn,
+        init=functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
         step=jax.jit(step_fn),
         adapt=jax.jit(adapt_fn, static_argnames="num_steps"),
     )
