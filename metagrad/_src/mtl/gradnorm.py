@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from metagrad._src import checks as _checks
@@ -119,10 +118,7 @@ def gradnorm(
     min_weight = _checks.hyperparameter(
         "min_weight", min_weight, low=0, high=1, high_inclusive=False
     )
-    if norm_mask is not None and not callable(norm_mask):
-        for leaf in jax.tree.leaves(norm_mask):
-            if not isinstance(leaf, (bool, np.bool_)):
-                raise TypeError(f"norm_mask leaves must be bools, got {leaf!r}")
+    _checks.bool_mask("norm_mask", norm_mask)
 
     def init_state(params):
         del params
@@ -138,20 +134,12 @@ def gradnorm(
         if norm_mask is None:
             selected = jax.tree.leaves(updates)
         else:
-            if callable(norm_mask):
-                if params is None:
-                    raise ValueError("gradnorm with a callable norm_mask needs params in update")
-                mask = norm_mask(params)
-            else:
-                mask = norm_mask
-            if jax.tree.structure(mask) != jax.tree.structure(updates):
-                raise ValueError(
-                    "norm_mask must have the tree structure of params; got "
-                    f"{jax.tree.structure(mask)}, expected {jax.tree.structure(updates)}"
-                )
-            selected = [
-                u for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(mask), strict=True) if m
-            ]
+            if callable(norm_mask) and params is None:
+                raise ValueError("gradnorm with a callable norm_mask needs params in update")
+            # A mask of params' structure, applied to the updates (a task axis more per leaf).
+            reference = updates if params is None else params
+            flags = _checks.mask_flags("norm_mask", norm_mask, reference)
+            selected = [u for u, m in zip(jax.tree.leaves(updates), flags, strict=True) if m]
             if not selected:
                 raise ValueError("norm_mask selects no leaf; mark at least one leaf True")
         return _weighting.task_norms(selected, num_tasks)
