@@ -188,8 +188,9 @@ def imaml(
         # the pmean below (see metagrad.maml).
         phi = _base.to_varying(state.params, axis_name)
         istate0 = task_states(
-            inner.init, phi, state.inner_state, run_tasks.num_tasks, reset=reset_inner_state
-        )
+            inner.init, phi, state.inner_state, run_tasks.num_tasks, reset=reset_inner_state,
+            axis_name=axis_name,
+        )  # fmt: skip
         # The proximal inner loop: θ_t* ≈ argmin L_t^s(θ) + (λ/2)‖θ − φ‖², never differentiated.
         thetas, istate, _, inner_outs = inner_loop(
             loss_fn, rule, phi, (), (), istate0, support, None, inner_steps,

@@ -15,7 +15,7 @@ import numpy as np
 
 from metagrad._src import checks as _checks
 from metagrad._src import loops as _loops
-from metagrad._src.base import LossFn
+from metagrad._src.base import LossFn, to_varying
 from metagrad._src.diagnostics import mean_pairwise_cosine
 
 
@@ -95,12 +95,18 @@ def start_step(
     return support, query, _loops.TaskLoop(task_loop, num_tasks), step_loop
 
 
-def task_states(init_state, params, kept, num_tasks, *, reset):
+def task_states(init_state, params, kept, num_tasks, *, reset, axis_name=None):
     """The per-task inner states at the first inner step: ``init_state(params)`` for every
-    task when ``reset``, else the state ``kept`` from the previous outer step, broadcast."""
+    task when ``reset``, else the state ``kept`` from the previous outer step, broadcast.
+
+    With ``axis_name`` they are typed device-varying (`base.to_varying`), as the states the
+    inner steps return are: a scanned inner loop needs its carry's type to stay the same.
+    """
     if reset:
-        return jax.vmap(init_state)(broadcast(params, num_tasks))
-    return broadcast(kept, num_tasks)
+        states = jax.vmap(init_state)(broadcast(params, num_tasks))
+    else:
+        states = broadcast(kept, num_tasks)
+    return to_varying(states, axis_name)
 
 
 def describe(tree: Any) -> str:

@@ -252,10 +252,10 @@ def maml(
             count=jnp.zeros((), jnp.int32),
         )
 
-    def start_state(state, num_tasks):
+    def start_state(state, num_tasks, axis_name):
         return task_states(
             rule.init_state, adapted(state.params)[0], state.inner_state, num_tasks,
-            reset=reset_inner_state,
+            reset=reset_inner_state, axis_name=axis_name,
         )  # fmt: skip
 
     def step(state, tasks):
@@ -264,7 +264,7 @@ def maml(
             step_loop=step_loop, num_steps=inner_steps,
         )  # fmt: skip
         carry0, restore_carry = loop_carry(jax.lax.stop_gradient(state.carry))
-        istate0 = start_state(state, run_tasks.num_tasks)
+        istate0 = start_state(state, run_tasks.num_tasks, axis_name)
         if step_query:
             weights = _pp.step_weights(weights_fn, state.count, inner_steps)
 
@@ -341,7 +341,7 @@ def maml(
 
     def adapt_fn(state, support, num_steps):
         support = jax.tree.map(lambda x: jnp.asarray(x)[None], support)
-        istate = start_state(state, 1)
+        istate = start_state(state, 1, None)  # outside the device axis
         carry, _ = loop_carry(eval_carry(state.carry))
         jaxpr = check_loss(loss_fn, state.params, (support, support))
         loops = _loops.resolve(task_loop, step_loop, num_tasks=1, num_steps=num_steps, jaxpr=jaxpr)

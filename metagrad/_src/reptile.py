@@ -177,8 +177,9 @@ def reptile(
         )  # fmt: skip
         phi = state.params
         inner_states = task_states(
-            inner.init, phi, state.inner_state, run_tasks.num_tasks, reset=reset_inner_state
-        )
+            inner.init, phi, state.inner_state, run_tasks.num_tasks, reset=reset_inner_state,
+            axis_name=axis_name,
+        )  # fmt: skip
         # Each device adapts its own tasks: see `to_varying` for why φ is cast.
         thetas, inner_states, _, outs = inner_loop(
             loss_fn, rule, _base.to_varying(phi, axis_name), (), (), inner_states, support,
