@@ -159,6 +159,19 @@ def main() -> None:
             "maml_unroll": mg.maml(
                 loss, optax.sgd(0.1), 2, optax.adam(1e-2), task_loop="unroll", **kw
             ),
+            # Scanned steps over per-task params with an inner state: the scan's carry must
+            # keep its device-varying type (failed under check_vma before the shared
+            # inner_loop.task_states typed the starting states).
+            "maml_unroll_scan_kept_state": mg.maml(
+                loss,
+                optax.sgd(0.1, momentum=0.5),
+                2,
+                optax.adam(1e-2),
+                reset_inner_state=False,
+                task_loop="unroll",
+                step_loop="scan",
+                **kw,
+            ),
         }
 
     def split(tree):  # for pmap: a leading device axis

@@ -57,7 +57,7 @@ def test_checkpoint_restores_onto_devices_and_continues(output):
     assert results["checkpoint/sharded_restore/devices"] == 4
 
 
-AXIS_NAME = ["maml", "maml_unroll"]
+AXIS_NAME = ["maml", "maml_unroll", "maml_unroll_scan_kept_state"]
 
 
 @pytest.mark.parametrize("mode", ["shard_map_check_vma", "shard_map_no_check_vma", "pmap"])

@@ -1,8 +1,9 @@
 """Adapting parameters to one task: a few steps of an optax optimizer in `lax.scan`.
 
-This is the inner loop shared by Reptile-style meta-learners (Nichol et al.,
-2018; Lee et al., 2022) and the fine-tuning step of meta-test evaluation (Finn
-et al., 2017, Section 5.1).
+The fine-tuning step of meta-test evaluation (Finn et al., 2017, Section 5.1),
+and the one-task form of the inner loop every meta-learner shares
+(`metagrad._src.inner_loop`), as Reptile's (Nichol et al., 2018) and
+Sequential Reptile's (Lee et al., 2022) trajectories use it.
 
 References:
   Finn, Abbeel, Levine, `Model-Agnostic Meta-Learning for Fast Adaptation of
@@ -24,9 +25,9 @@ import numpy as np
 import optax
 
 from metagrad._src import checks as _checks
-from metagrad._src import loops as _loops
-
-Params = chex.ArrayTree
+from metagrad._src.base import Params, to_varying
+from metagrad._src.inner_loop import inner_loop
+from metagrad._src.inner_rules import as_inner_rule
 
 
 def _check_leading_axis(name: str, tree: Any, size: int, what: str) -> None:
@@ -42,125 +43,46 @@ def _check_leading_axis(name: str, tree: Any, size: int, what: str) -> None:
             )
 
 
-def _varying_axes(x: Any) -> frozenset:
-    """The mapped axes a value is typed as varying over (empty outside `jax.shard_map`)."""
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)  # JAX <= 0.8
-    if vma is None:  # later JAX: ShapedArray.manual_axis_type.varying
-        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-    return frozenset(vma)
-
-
-def to_varying(tree: Any, axis_name: str | None) -> Any:
-    """Marks `tree` as varying over the mapped axis ``axis_name`` (private helper).
-
-    Inside `jax.shard_map`, JAX transposes the implicit broadcast of a
-    replicated value into a ``psum``: a gradient with respect to replicated
-    params comes back summed over devices. Marking the params as
-    device-varying first keeps each device's gradient local, so the caller
-    decides how to combine them (a ``pmean``). Leaves already varying, and
-    everything when ``axis_name`` is None, pass through.
-    """
-    if axis_name is None:
-        return tree
-    pcast = getattr(jax.lax, "pcast", None)
-    if pcast is None:  # older JAX: no varying-axes types, gradients stay local
-        return tree
-
-    def leaf(x):
-        if axis_name in _varying_axes(x):
-            return x
-        return pcast(x, axis_name, to="varying")
-
-    return jax.tree.map(leaf, tree)
-
-
-def to_invariant(tree: Any, axis_name: str | None) -> Any:
-    """Marks values equal on every device as device-invariant again (private helper).
-
-    A value computed from `to_varying` params (e.g. a carry that depends on learned
-    inner-rule parameters) is typed device-varying under ``shard_map(check_vma=True)``
-    even when every device holds the same number. Such leaves are averaged over the axis
-    (``pmax`` for integers), which leaves equal values unchanged up to rounding and makes
-    them invariant; leaves not varying pass through.
-    """
-    if axis_name is None:
-        return tree
-
-    def leaf(x):
-        if axis_name not in _varying_axes(x):
-            return x
-        if jnp.issubdtype(x.dtype, jnp.inexact):
-            return jax.lax.pmean(x, axis_name)
-        return jax.lax.pmax(x, axis_name)
-
-    return jax.tree.map(leaf, tree)
-
-
-def inner_loop(
+def one_task(
     loss_fn: Callable[..., chex.Array],
     inner: optax.GradientTransformation,
     params: Params,
     inner_state: optax.OptState,
-    batches: Any,
+    support: Any,
     num_steps: int,
     *,
-    batch_per_step: bool,
-    keep_first_grad: bool = False,
+    batch_per_step: bool = False,
     axis_name: str | None = None,
+    value_and_grad: Callable[..., Any] | None = None,
     step_loop: str = "scan",
-):
-    """The inner loop behind `adapt` and the Reptile learners (private helper).
+) -> tuple[Params, optax.OptState, chex.Array]:
+    """The inner loop (`inner_loop.inner_loop`) on one task, without task axis (private).
 
-    ``loss_fn(params, batch)``; with ``batch_per_step`` the leaves of
-    ``batches`` have a leading axis of length ``num_steps`` and step k uses
-    slice k, otherwise the same batch is used at every step. ``step_loop`` is
-    ``"scan"`` (`jax.lax.scan`) or ``"unroll"`` (one copy of the step per step).
-
-    Returns ``(params, inner_state, losses, first_grad)``: ``losses[k]`` is the
-    loss at the params before step k, ``first_grad`` the gradient at the
-    starting params (None unless ``keep_first_grad``). With ``axis_name``, each
-    step's loss and gradient are averaged over that mapped axis (data
+    Behind `adapt`, Sequential Reptile's trajectory and the learners' ``adapt``: a batch of
+    one task, whose per-task program (``task_loop="unroll"``) is the plain one. With
+    ``axis_name``, each step's loss and gradient are averaged over that mapped axis (data
     parallelism within a batch, under `jax.shard_map` or `jax.pmap`).
+
+    Returns ``(params, inner_state, losses)``, ``losses[k]`` the loss before step k.
     """
-    grad_fn = jax.value_and_grad(loss_fn)
+    if value_and_grad is None:
+        value_and_grad = jax.value_and_grad(loss_fn)
+    if axis_name is not None:
+        local = value_and_grad
 
-    def body(carry, k, batch):
-        del k
-        p, s = carry
-        batch = batch if batch_per_step else batches
-        loss, g = grad_fn(to_varying(p, axis_name), batch)
-        if axis_name is not None:
-            loss, g = jax.lax.pmean((loss, g), axis_name)
-        u, s = inner.update(g, s, p)
-        return (optax.apply_updates(p, u), s), (loss, g)
+        def value_and_grad(p, batch):
+            # See `to_varying`: each device's gradient stays local until the pmean.
+            return jax.lax.pmean(local(to_varying(p, axis_name), batch), axis_name)
 
-    xs = batches if batch_per_step else None
-    carry = (params, inner_state)
-    if step_loop == "unroll":
-        losses, first_grad = [], None
-        for k in range(num_steps):
-            batch = None if xs is None else jax.tree.map(lambda x, k=k: x[k], xs)
-            carry, (loss, g) = body(carry, k, batch)
-            losses.append(loss)
-            if k == 0 and keep_first_grad:
-                first_grad = g
-        return (*carry, jnp.stack(losses), first_grad)
+    def one(tree):
+        return jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
 
-    def step(carry, k, batch):
-        carry, (loss, _) = body(carry, k, batch)
-        return carry, loss
-
-    if not keep_first_grad:
-        carry, losses = _loops.run_steps(step, carry, num_steps, "scan", xs=xs)
-        return (*carry, losses, None)
-    # The first step is peeled off the scan so its gradient (at the starting params, the
-    # quantity Reptile's meta-gradient expands around) is kept without storing all K.
-    first_batch = jax.tree.map(lambda x: x[0], xs) if batch_per_step else None
-    carry, (loss0, first_grad) = body(carry, 0, first_batch)
-    rest = jax.tree.map(lambda x: x[1:], xs) if batch_per_step else None
-    carry, losses = _loops.run_steps(step, carry, num_steps - 1, "scan", xs=rest, start=1)
-    return (*carry, jnp.concatenate([loss0[None], losses]), first_grad)
+    params, inner_state, _, outs = inner_loop(
+        loss_fn, as_inner_rule(inner), params, (), (), one(inner_state), one(support),
+        None, num_steps, task_loop="unroll", step_loop=step_loop,
+        batch_per_step=batch_per_step, value_and_grad=value_and_grad,
+    )  # fmt: skip
+    return params.trees[0], jax.tree.map(lambda x: x[0], inner_state), outs["support_loss"][:, 0]
 
 
 def adapt(
@@ -228,7 +150,7 @@ def adapt(
         _check_leading_axis("support", support, num_steps, "num_steps")
     if inner_state is None:
         inner_state = inner.init(params)
-    params, _, losses, _ = inner_loop(
+    params, _, losses = one_task(
         loss_fn, inner, params, inner_state, support, num_steps, batch_per_step=batch_per_step
     )
     if return_losses:

@@ -1,4 +1,4 @@
-"""Types shared by metagrad's meta-learners."""
+"""Types and building blocks shared by metagrad's meta-learners."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def as_arrays(tree: Any) -> Any:
     return jax.tree.map(convert, tree)
 
 
-def keep_if_finite(new: Any, old: Any, *, check: Any = None) -> Any:
+def keep_if_finite(new: Any, old: Any, *, check: Any = None, axis_name: Any = None) -> Any:
     """`new` if all float leaves of `check` (default: `new`) are finite, else `old`, traceable.
 
     The one finite guard of persistent state: a carried inner-optimizer state, gradient
@@ -52,13 +52,17 @@ def keep_if_finite(new: Any, old: Any, *, check: Any = None) -> Any:
     poison every later step, and a guard on the outer optimizer (`optax.apply_if_finite`) could
     then only delay the NaN. Keeping the previous value makes a skipped step leave no trace.
     `new` and `old` have the same structure; `check` may be another tree (e.g. the form of the
-    state that was computed, before it is converted to the stored form).
+    state that was computed, before it is converted to the stored form). With ``axis_name``
+    each device holds a slice of `check`: the devices agree (all finite, or keep `old`), so
+    that they keep equal states.
     """
     check = new if check is None else check
     floats = [x for x in jax.tree.leaves(check) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     if not floats:
         return new
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
+    if axis_name is not None:
+        ok = jax.lax.psum(jnp.where(ok, 0, 1), axis_name) == 0
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
@@ -90,7 +94,62 @@ def global_norm(tree: Any) -> jax.Array:
     if not leaves:
         return jnp.zeros([])
     dtype = jnp.result_type(*leaves)
-    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
+    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]))
     safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     total = sum(jnp.sum(jnp.square(x.astype(dtype) / safe)) for x in leaves)
     return safe * jnp.sqrt(total)
+
+
+def _varying_axes(x: Any) -> frozenset:
+    """The mapped axes a value is typed as varying over (empty outside `jax.shard_map`)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # JAX <= 0.8
+    if vma is None:  # later JAX: ShapedArray.manual_axis_type.varying
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    return frozenset(vma)
+
+
+def to_varying(tree: Any, axis_name: str | None) -> Any:
+    """Marks `tree` as varying over the mapped axis ``axis_name``.
+
+    Inside `jax.shard_map`, JAX transposes the implicit broadcast of a
+    replicated value into a ``psum``: a gradient with respect to replicated
+    params comes back summed over devices. Marking the params as
+    device-varying first keeps each device's gradient local, so the caller
+    decides how to combine them (a ``pmean``). Leaves already varying, and
+    everything when ``axis_name`` is None, pass through.
+    """
+    if axis_name is None:
+        return tree
+    pcast = getattr(jax.lax, "pcast", None)
+    if pcast is None:  # older JAX: no varying-axes types, gradients stay local
+        return tree
+
+    def leaf(x):
+        if axis_name in _varying_axes(x):
+            return x
+        return pcast(x, axis_name, to="varying")
+
+    return jax.tree.map(leaf, tree)
+
+
+def to_invariant(tree: Any, axis_name: str | None) -> Any:
+    """Marks values equal on every device as device-invariant again.
+
+    A value computed from `to_varying` params (e.g. a carry that depends on learned
+    inner-rule parameters) is typed device-varying under ``shard_map(check_vma=True)``
+    even when every device holds the same number. Such leaves are averaged over the axis
+    (``pmax`` for integers), which leaves equal values unchanged up to rounding and makes
+    them invariant; leaves not varying pass through.
+    """
+    if axis_name is None:
+        return tree
+
+    def leaf(x):
+        if axis_name not in _varying_axes(x):
+            return x
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jax.lax.pmean(x, axis_name)
+        return jax.lax.pmax(x, axis_name)
+
+    return jax.tree.map(leaf, tree)

@@ -274,3 +274,33 @@ def stacked(name: str, tree: Any, sizes: tuple[int | None, ...], what: str) -> i
     if sizes[0] is None and first == 0:
         raise ValueError(f"{name} must hold at least one task, got a leading axis of size 0")
     return first
+
+
+def bool_mask(name: str, mask: Any) -> Any:
+    """Returns `mask` after checking it is a mask in `optax.masked`'s convention: None, a
+    function of the params returning a mask, or a pytree of Python bools (a prefix of the
+    params' structure, a bool then standing for a whole subtree)."""
+    if mask is None or callable(mask):
+        return mask
+    for path, leaf in jax.tree_util.tree_leaves_with_path(mask):
+        if not isinstance(leaf, (bool, np.bool_)):
+            raise TypeError(
+                f"{name} must be a pytree of Python bools (a prefix of params' structure) or a "
+                f"function of the params returning one; at {jax.tree_util.keystr(path)} got "
+                f"{leaf!r} of type {type(leaf).__name__}"
+            )
+    return mask
+
+
+def mask_flags(name: str, mask: Any, params: Any) -> tuple[bool, ...]:
+    """A `bool_mask` (not None) as one bool per leaf of `params`."""
+    tree = mask(params) if callable(mask) else mask
+    bool_mask(name, tree)
+    try:
+        full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), tree, params)
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"{name} must have the tree structure of params (or of a prefix of it); got "
+            f"{jax.tree.structure(tree)} for params {jax.tree.structure(params)} ({error})"
+        ) from error
+    return tuple(bool(f) for f in jax.tree.leaves(full))

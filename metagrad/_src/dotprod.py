@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from metagrad._src import checks as _checks
-from metagrad._src.hvp import _as_arrays, _check_grad_output, _fd_hvp, _hvp_with_grad, fd_step
+from metagrad._src.base import as_arrays
+from metagrad._src.hvp import _check_grad_output, _fd_hvp, _hvp_with_grad, fd_step
 
 _SCHEMES = ("forward", "central", "exact")
 
@@ -73,35 +73,6 @@ def _check_not_masked(*trees: Any) -> None:
     for tree in trees:
         if any(map(_is_masked_node, jax.tree.leaves(tree, is_leaf=_is_masked_node))):
             raise ValueError(_INSIDE_MASKED)
-
-
-def _check_mask_leaves(tree: Any) -> None:
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if not isinstance(leaf, (bool, np.bool_)):
-            raise TypeError(
-                "mask must be a pytree of Python bools (or a callable of the params returning "
-                f"one); at {jax.tree_util.keystr(path)} got {leaf!r}"
-            )
-
-
-def _check_mask(mask: Any) -> Any:
-    if mask is None or callable(mask):
-        return mask
-    _check_mask_leaves(mask)
-    return mask
-
-
-def _leaf_flags(mask: Any, params: Any) -> list[bool]:
-    """The mask as one bool per leaf of `params` (the mask may be a prefix tree)."""
-    tree = mask(params) if callable(mask) else mask
-    _check_mask_leaves(tree)
-    try:
-        per_leaf = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), tree, params)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"mask must have the tree structure of params, or a prefix of it: {e}"
-        ) from None
-    return [bool(m) for m in jax.tree.leaves(per_leaf)]
 
 
 def dotprod(
@@ -283,7 +254,7 @@ def dotprod(
     )
     every = _checks.hyperparameter("every", every, integer=True, low=2, low_inclusive=True)
     scheme = _checks.one_of("scheme", scheme, _SCHEMES)
-    mask = _check_mask(mask)
+    mask = _checks.bool_mask("mask", mask)
 
     if axis_name is None:
         reduce = lambda tree: tree
@@ -313,8 +284,8 @@ def dotprod(
         if params is None:
             raise ValueError("dotprod needs params: call tx.update(g1, state, params, grad_fn=...)")
         _checks.same_structure("updates", updates, params)
-        params = _as_arrays(params)
-        g1 = reduce(_as_arrays(updates))
+        params = as_arrays(params)
+        g1 = reduce(as_arrays(updates))
         w = weight(state.count) if callable(weight) else weight
 
         # With a mask, the regularizer acts on the selected leaves S only: the
@@ -323,7 +294,7 @@ def dotprod(
         # the S leaves, the others held fixed), and the unselected leaves get
         # Ḡ1 + Ḡ2 alone.
         treedef = jax.tree.structure(params)
-        flags = None if mask is None else _leaf_flags(mask, params)
+        flags = None if mask is None else _checks.mask_flags("mask", mask, params)
         if flags is not None and all(flags):
             flags = None
         if flags is not None and not any(flags):
@@ -338,7 +309,7 @@ def dotprod(
         def grad(p):
             g = grad_fn(p)
             _check_grad_output(g, params)
-            return reduce(_as_arrays(g))
+            return reduce(as_arrays(g))
 
         def total(g2, g1g2):
             # Ḡ1 + Ḡ2 first, so that weight = 0 gives exactly their sum, while a

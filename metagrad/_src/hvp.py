@@ -21,15 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from metagrad._src import checks as _checks
+from metagrad._src.base import as_arrays, global_norm
 
 GradFn = Callable[[chex.ArrayTree], chex.ArrayTree]
 
 _SCHEMES = ("forward", "central")
-
-
-def _as_arrays(tree: Any) -> Any:
-    """Python-number leaves (``{"w": 0.3}``, which optax accepts) as arrays; None stays."""
-    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), tree)
 
 
 def _check_grad_output(grads: Any, params: Any) -> None:
@@ -52,19 +48,8 @@ def _eps(params: Any) -> float:
 
 @jax.jit  # module-level, so that eager callers compile it once per tree structure
 def _norm(tree: Any) -> jax.Array:
-    """Euclidean norm of a tree, safe from overflow and underflow of the squares."""
-    leaves = _float_leaves(tree)
-    total = sum(jnp.sum(jnp.square(leaf)) for leaf in leaves)
-
-    def rescaled():
-        # Only when the plain sum over- or underflowed: divide by the largest entry.
-        scale = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf), initial=0) for leaf in leaves]))
-        safe = jnp.where(scale > 0, scale, 1)
-        scaled = sum(jnp.sum(jnp.square(leaf / safe.astype(leaf.dtype))) for leaf in leaves)
-        return (safe * jnp.sqrt(scaled)).astype(total.dtype)
-
-    fine = jnp.isfinite(total) & (total > jnp.finfo(total.dtype).tiny)
-    return jax.lax.cond(fine, lambda: jnp.sqrt(total), rescaled)
+    """Euclidean norm of a tree's float leaves, safe from overflow of the squares."""
+    return global_norm(_float_leaves(tree))
 
 
 def fd_step(params: chex.ArrayTree, v: chex.ArrayTree, scheme: str = "forward") -> jax.Array:
@@ -213,7 +198,7 @@ def fd_hvp(
     _checks.same_structure("v", v, params)
     if step is not None:
         step = _checks.hyperparameter("step", step, low=0)
-    return _fd_hvp(grad_fn, _as_arrays(params), _as_arrays(v), step, scheme)
+    return _fd_hvp(grad_fn, as_arrays(params), as_arrays(v), step, scheme)
 
 
 def hvp(grad_fn: GradFn, params: chex.ArrayTree, v: chex.ArrayTree) -> chex.ArrayTree:
@@ -250,7 +235,7 @@ def hvp(grad_fn: GradFn, params: chex.ArrayTree, v: chex.ArrayTree) -> chex.Arra
     """
     _checks.callable_("grad_fn", grad_fn)
     _checks.same_structure("v", v, params)
-    return _hvp_with_grad(grad_fn, _as_arrays(params), v)[1]
+    return _hvp_with_grad(grad_fn, as_arrays(params), v)[1]
 
 
 def _hvp_with_grad(grad_fn: GradFn, params: Any, v: Any) -> tuple[Any, Any]:

@@ -12,20 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metagrad._src import base as _base
 from metagrad._src import checks as _checks
-from metagrad._src import diagnostics as _diagnostics
-from metagrad._src import loops as _loops
-from metagrad._src.adapt import to_varying
-from metagrad._src.base import (
-    LossFn,
-    MetaLearner,
-    Params,
-    global_norm,
-    keep_if_finite,
-    mean_over_tasks,
-)
+from metagrad._src.adapt import one_task
+from metagrad._src.base import LossFn, MetaLearner, Params
 from metagrad._src.hvp import hvp as _hvp
-from metagrad._src.maml_loop import broadcast, start_step
+from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
+from metagrad._src.inner_rules import as_inner_rule
 
 
 class IMAMLState(NamedTuple):
@@ -142,23 +135,14 @@ def imaml(
       Rajeswaran et al., `Meta-Learning with Implicit Gradients
       <https://arxiv.org/abs/1909.04630>`_, NeurIPS 2019.
     """
-    _checks.callable_("loss_fn", loss_fn)
-    if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(
-            f"inner must be an optax GradientTransformation, got {inner!r} of type "
-            f"{type(inner).__name__}"
-        )
-    inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    if isinstance(outer, (int, float)) or (
-        callable(outer) and not isinstance(outer, optax.GradientTransformation)
-    ):
-        outer = optax.sgd(outer)  # a learning rate or an optax schedule
-    outer = _checks.outer_optimizer("outer", outer)
+    inner_steps, outer = check_learner(
+        loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
+        step_loop=step_loop, reset_inner_state=reset_inner_state, alignment=alignment,
+    )  # fmt: skip
+    inner = _checks.as_optimizer("inner", inner)
+    rule = as_inner_rule(inner)
     lam = _checks.positive_float("lam", lam)
     cg_steps = _checks.positive_int("cg_steps", cg_steps)
-    _checks.booleans(reset_inner_state=reset_inner_state, alignment=alignment)
-    _checks.axis_name(axis_name)
-    _loops.check(task_loop, step_loop)
     grad_fn = jax.grad(loss_fn)
 
     def init(params):
@@ -170,22 +154,18 @@ def imaml(
             count=jnp.zeros((), jnp.int32),
         )
 
-    def solve(phi, istate, support, num_steps, mode):
-        """The proximal inner loop of one task: θ* ≈ argmin L^s(θ) + (λ/2)‖θ − φ‖²."""
+    def prox_value_and_grad(phi):
+        """The support loss and the gradient of G(θ) = L^s(θ) + (λ/2)‖θ − φ‖²."""
 
-        def body(carry, k, _):
-            del k
-            theta, istate = carry
-            g = optax.tree.add_scale(grad_fn(theta, support), lam, optax.tree.sub(theta, phi))
-            updates, istate = inner.update(g, istate, theta)
-            return (optax.apply_updates(theta, updates), istate), None
+        def value_and_grad(theta, support):
+            loss, grad = jax.value_and_grad(loss_fn)(theta, support)
+            return loss, optax.tree.add_scale(grad, lam, optax.tree.sub(theta, phi))
 
-        (theta, istate), _ = _loops.run_steps(body, (phi, istate), num_steps, mode)
-        return theta, istate
+        return value_and_grad
 
-    def one_task(phi, inputs, step_loop):
-        istate, support, query = inputs
-        theta, istate = solve(phi, istate, support, inner_steps, step_loop)
+    def implicit_grad(phi, theta, batches):
+        """One task's meta-gradient (I + H/λ)^{-1} ∇L^q(θ*) by conjugate gradient."""
+        support, query = batches
         theta = jax.lax.stop_gradient(theta)
         loss_q, g_q = jax.value_and_grad(loss_fn)(theta, query)
 
@@ -194,45 +174,53 @@ def imaml(
             return optax.tree.add_scale(v, 1.0 / lam, hv)
 
         meta_grad, residual = conjugate_gradient(matvec, g_q, cg_steps)
-        prox = optax.tree.add_scale(grad_fn(theta, support), lam, optax.tree.sub(theta, phi))
+        prox = prox_value_and_grad(phi)(theta, support)[1]
         out = {"loss_post": loss_q, "cg_residual": residual}
-        out["prox_grad_norm"] = optax.tree.norm(prox)
-        return meta_grad, istate, out
+        out["prox_grad_norm"] = _base.global_norm(prox)
+        return meta_grad, out
 
     def step(state, tasks):
-        support, query, num_tasks, loops = start_step(
+        support, query, run_tasks, step_mode = start_step(
             loss_fn, state.params, tasks, alignment=alignment, task_loop=task_loop,
             step_loop=step_loop, num_steps=inner_steps,
         )  # fmt: skip
-        run_tasks = _loops.TaskLoop(loops[0], num_tasks)
         # Device-varying params: gradients taken on each device's tasks stay local until
         # the pmean below (see metagrad.maml).
-        phi = to_varying(state.params, axis_name)
-        if reset_inner_state:
-            istate0 = jax.vmap(inner.init)(broadcast(phi, num_tasks))
-        else:
-            istate0 = broadcast(state.inner_state, num_tasks)
-        losses_pre, grads_pre = run_tasks.map(jax.value_and_grad(loss_fn), phi, support, True)
-        grads, istate, outs = run_tasks.map(
-            lambda p, x: one_task(p, x, loops[1]), phi, (istate0, support, query), True
-        )
+        phi = _base.to_varying(state.params, axis_name)
+        istate0 = task_states(
+            inner.init, phi, state.inner_state, run_tasks.num_tasks, reset=reset_inner_state,
+            axis_name=axis_name,
+        )  # fmt: skip
+        # The proximal inner loop: θ_t* ≈ argmin L_t^s(θ) + (λ/2)‖θ − φ‖², never differentiated.
+        thetas, istate, _, inner_outs = inner_loop(
+            loss_fn, rule, phi, (), (), istate0, support, None, inner_steps,
+            task_loop=run_tasks.mode, step_loop=step_mode, alignment=alignment,
+            value_and_grad=prox_value_and_grad(phi),
+        )  # fmt: skip
+        grads, outs = run_tasks.map(
+            lambda theta, batches: implicit_grad(phi, theta, batches),
+            thetas, (support, query), False,
+        )  # fmt: skip
         grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
         loss = jnp.mean(outs["loss_post"])
-        metrics = {"loss": loss, "loss_pre": jnp.mean(losses_pre), "loss_post": loss}
+        # At θ = φ the proximal term and its gradient vanish: the first inner step's loss and
+        # gradients are those of L^s at φ.
+        loss_pre = jnp.mean(inner_outs["support_loss"][0])
+        metrics = {"loss": loss, "loss_pre": loss_pre, "loss_post": loss}
         if alignment:
-            metrics["alignment"] = _diagnostics.mean_pairwise_cosine(grads_pre)
+            metrics["alignment"] = inner_outs["alignment"]
         worst = {"cg_residual": jnp.max(outs["cg_residual"]),
                  "prox_grad_norm": jnp.max(outs["prox_grad_norm"])}  # fmt: skip
         if axis_name is not None:
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
             worst = jax.lax.pmax(worst, axis_name)
-        metrics["meta_grad_norm"] = global_norm(grads)
+        metrics["meta_grad_norm"] = _base.global_norm(grads)
         metrics.update(worst)
         updates, outer_state = outer.update(grads, state.outer_state, state.params)
         kept = None
         if not reset_inner_state:
-            kept = mean_over_tasks(istate, axis_name)
-            kept = keep_if_finite(kept, state.inner_state)
+            kept = _base.mean_over_tasks(istate, axis_name)
+            kept = _base.keep_if_finite(kept, state.inner_state)
         new_state = IMAMLState(
             params=optax.apply_updates(state.params, updates),
             outer_state=outer_state,
@@ -243,7 +231,10 @@ def imaml(
 
     def adapt_fn(state, support, num_steps):
         istate = inner.init(state.params) if reset_inner_state else state.inner_state
-        return solve(state.params, istate, support, num_steps, "scan")[0]
+        value_and_grad = prox_value_and_grad(state.params)
+        return one_task(
+            loss_fn, inner, state.params, istate, support, num_steps, value_and_grad=value_and_grad
+        )[0]
 
     adapt_jit = jax.jit(adapt_fn, static_argnums=2)
 

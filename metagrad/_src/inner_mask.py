@@ -18,39 +18,21 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
+from metagrad._src import checks as _checks
 from metagrad._src.base import LossFn, Params
 
 
 def check(inner_mask: Any) -> None:
     """Construction-time check: None, a callable or a pytree of bools."""
-    if inner_mask is None or callable(inner_mask):
-        return
-    for leaf in jax.tree.leaves(inner_mask):
-        if not isinstance(leaf, (bool, np.bool_)):
-            raise TypeError(
-                "inner_mask must be a pytree of Python bools (a prefix of params' structure) "
-                f"or a function of the params returning one; got a leaf {leaf!r} of type "
-                f"{type(leaf).__name__}"
-            )
+    _checks.bool_mask("inner_mask", inner_mask)
 
 
 def flags(inner_mask: Any, params: Params) -> tuple[bool, ...] | None:
     """One bool per leaf of `params` (optax.masked's convention), or None without a mask."""
     if inner_mask is None:
         return None
-    mask = inner_mask(params) if callable(inner_mask) else inner_mask
-    check(mask)
-    try:
-        # A mask leaf may stand for a whole subtree of params (a prefix), as in optax.masked.
-        full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask, params)
-    except (ValueError, TypeError, KeyError) as error:
-        raise ValueError(
-            "inner_mask must have the tree structure of params (or of a prefix of it); got "
-            f"{jax.tree.structure(mask)} for params {jax.tree.structure(params)} ({error})"
-        ) from error
-    selected = tuple(bool(f) for f in jax.tree.leaves(full))
+    selected = _checks.mask_flags("inner_mask", inner_mask, params)
     if not any(selected):
         raise ValueError("inner_mask selects no parameter: the inner loop would adapt nothing")
     return selected

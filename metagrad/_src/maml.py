@@ -20,29 +20,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from metagrad._src import base as _base
 from metagrad._src import checks as _checks
 from metagrad._src import inner_mask as _mask
 from metagrad._src import loops as _loops
-from metagrad._src.adapt import to_invariant, to_varying
-from metagrad._src.base import (
-    LossFn,
-    MetaLearner,
-    Params,
-    global_norm,
-    keep_if_finite,
-    mean_over_tasks,
-)
+from metagrad._src import maml_pp as _pp
+from metagrad._src.base import LossFn, MetaLearner, Params
+from metagrad._src.inner_loop import check_learner, check_loss, inner_loop, start_step, task_states
 from metagrad._src.inner_rules import InnerRule, as_inner_rule
-from metagrad._src.maml_loop import (
-    broadcast,
-    check_loss,
-    inner_loop,
-    start_step,
-)
-from metagrad._src.maml_pp import maml_pp_weights
 
 
 class MAMLState(NamedTuple):
@@ -229,40 +216,14 @@ def maml(
       Finn et al., `Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks
       <https://arxiv.org/abs/1703.03400>`_, 2017.
     """
-    _checks.callable_("loss_fn", loss_fn)
+    inner_steps, outer = check_learner(
+        loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
+        step_loop=step_loop, remat=remat, reset_inner_state=reset_inner_state,
+        alignment=alignment,
+    )  # fmt: skip
     rule = as_inner_rule(inner, "inner")
-    inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    _checks.axis_name(axis_name)
-    _loops.check(task_loop, step_loop)
-    outer = _checks.outer_optimizer("outer", outer)
-    anneal_order = not isinstance(first_order, bool)
-    if anneal_order:
-        if not isinstance(first_order, (int, np.integer)):
-            raise TypeError(f"first_order must be a bool or an int >= 1, got {first_order!r}")
-        first_order = _checks.positive_int("first_order", int(first_order))
-    for name, flag in [
-        ("remat", remat),
-        ("reset_inner_state", reset_inner_state),
-        ("alignment", alignment),
-    ]:
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
-    if isinstance(multi_step_loss, bool) or not (
-        multi_step_loss is None
-        or callable(multi_step_loss)
-        or isinstance(multi_step_loss, (int, np.integer))
-    ):
-        raise TypeError(
-            f"multi_step_loss must be None, an int or a callable, got {multi_step_loss!r}"
-        )
-    if isinstance(multi_step_loss, (int, np.integer)):
-        anneal = _checks.positive_int("multi_step_loss", multi_step_loss)
-
-        def weights_fn(count):
-            return maml_pp_weights(inner_steps, anneal, count)
-
-    else:
-        weights_fn = multi_step_loss
+    first_order, anneal_order = _pp.derivative_order(first_order)
+    weights_fn = _pp.multi_step_weights(multi_step_loss, inner_steps)
     step_query = weights_fn is not None
     eval_carry = rule.eval_carry or (lambda c: c)
 
@@ -291,26 +252,21 @@ def maml(
             count=jnp.zeros((), jnp.int32),
         )
 
-    def start_state(state, num_tasks):
-        if reset_inner_state:
-            return jax.vmap(rule.init_state)(broadcast(adapted(state.params)[0], num_tasks))
-        return broadcast(state.inner_state, num_tasks)
+    def start_state(state, num_tasks, axis_name):
+        return task_states(
+            rule.init_state, adapted(state.params)[0], state.inner_state, num_tasks,
+            reset=reset_inner_state, axis_name=axis_name,
+        )  # fmt: skip
 
     def step(state, tasks):
-        support, query, num_tasks, loops = start_step(
+        support, query, run_tasks, step_mode = start_step(
             loss_fn, state.params, tasks, alignment=alignment, task_loop=task_loop,
             step_loop=step_loop, num_steps=inner_steps,
         )  # fmt: skip
-        run_tasks = _loops.TaskLoop(loops[0], num_tasks)
         carry0, restore_carry = loop_carry(jax.lax.stop_gradient(state.carry))
-        istate0 = start_state(state, num_tasks)
+        istate0 = start_state(state, run_tasks.num_tasks, axis_name)
         if step_query:
-            weights = jax.lax.stop_gradient(jnp.asarray(weights_fn(state.count)))
-            if weights.shape != (inner_steps,):
-                raise ValueError(
-                    f"multi_step_loss must return inner_steps = {inner_steps} weights, "
-                    f"got shape {weights.shape}"
-                )
+            weights = _pp.step_weights(weights_fn, state.count, inner_steps)
 
         # The carry enters the differentiated function as an argument (its gradient is
         # dropped): the carry of a rule with learned parameters (grad_share's G) gets a
@@ -329,8 +285,8 @@ def maml(
             params_t, istate, carry, outs = inner_loop(
                 task_loss, rule, params, inner_params, carry0, istate0,
                 support, query, inner_steps, first_order=first_order, remat=remat,
-                step_query=step_query, alignment=alignment, task_loop=loops[0],
-                step_loop=loops[1],
+                step_query=step_query, alignment=alignment, task_loop=run_tasks.mode,
+                step_loop=step_mode,
             )  # fmt: skip
             if step_query:
                 per_step = jnp.mean(outs["query_loss"], axis=1)
@@ -340,7 +296,7 @@ def maml(
             metrics = {"loss": loss, "loss_pre": jnp.mean(outs["support_loss"][0])}
             metrics["loss_post"] = post
             if alignment:
-                metrics["alignment"] = outs["alignment"][0]
+                metrics["alignment"] = outs["alignment"]
             return loss, (metrics, istate, carry)
 
         diff = (state.params, state.inner_params)
@@ -351,7 +307,7 @@ def maml(
         def value_and_grad(order):
             grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
             value, (grads, _) = grad_fn(
-                to_varying(diff, axis_name), to_varying(carry_floats, axis_name), order
+                _base.to_varying(diff, axis_name), _base.to_varying(carry_floats, axis_name), order
             )
             return value, grads
 
@@ -364,28 +320,28 @@ def maml(
             )
         else:
             (_, (metrics, istate, carry)), grads = value_and_grad(first_order)
-        istate = None if reset_inner_state else mean_over_tasks(istate, axis_name)
+        istate = None if reset_inner_state else _base.mean_over_tasks(istate, axis_name)
         if axis_name is not None:
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
-        metrics["meta_grad_norm"] = global_norm(grads)
+        metrics["meta_grad_norm"] = _base.global_norm(grads)
         updates, outer_state = outer.update(grads, state.outer_state, diff)
         params, inner_params = optax.apply_updates(diff, updates)
-        carry = to_invariant(jax.lax.stop_gradient(carry), axis_name)
+        carry = _base.to_invariant(jax.lax.stop_gradient(carry), axis_name)
         new_state = MAMLState(
             params=params,
             inner_params=inner_params,
             outer_state=outer_state,
             # A non-finite task must not poison the state carried to later steps. The check
             # runs on the loop form of the carry (one flat vector for grad_share), same values.
-            carry=keep_if_finite(restore_carry(carry), state.carry, check=carry),
-            inner_state=keep_if_finite(istate, state.inner_state),
+            carry=_base.keep_if_finite(restore_carry(carry), state.carry, check=carry),
+            inner_state=_base.keep_if_finite(istate, state.inner_state),
             count=state.count + 1,
         )
         return new_state, metrics
 
     def adapt_fn(state, support, num_steps):
         support = jax.tree.map(lambda x: jnp.asarray(x)[None], support)
-        istate = start_state(state, 1)
+        istate = start_state(state, 1, None)  # outside the device axis
         carry, _ = loop_carry(eval_carry(state.carry))
         jaxpr = check_loss(loss_fn, state.params, (support, support))
         loops = _loops.resolve(task_loop, step_loop, num_tasks=1, num_steps=num_steps, jaxpr=jaxpr)

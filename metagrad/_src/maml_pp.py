@@ -1,9 +1,16 @@
-"""MAML++'s multi-step loss weights (Antoniou et al., 2019), for `metagrad.maml`."""
+"""MAML++'s options of `metagrad.maml` (Antoniou et al., 2019): the multi-step loss weights
+and derivative-order annealing, and the checks of the arguments that select them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from metagrad._src import checks as _checks
 
 
 def maml_pp_weights(num_steps: int, anneal_steps: int, count: jax.Array) -> jax.Array:
@@ -41,3 +48,46 @@ def maml_pp_weights(num_steps: int, anneal_steps: int, count: jax.Array) -> jax.
     inter = jnp.maximum(1.0 / k - count * decay, floor)
     last = jnp.minimum(1.0 / k + count * (k - 1) * decay, 1.0 - (k - 1) * floor)
     return jnp.concatenate([jnp.full((k - 1,), inter), last[None]])
+
+
+def derivative_order(first_order: Any) -> tuple[bool | int, bool]:
+    """`maml`'s ``first_order``: a bool, or an int N >= 1 (first order for N outer steps).
+
+    Returns it checked, and whether it anneals (an int)."""
+    if isinstance(first_order, bool):
+        return first_order, False
+    if not isinstance(first_order, (int, np.integer)):
+        raise TypeError(f"first_order must be a bool or an int >= 1, got {first_order!r}")
+    return _checks.positive_int("first_order", int(first_order)), True
+
+
+def multi_step_weights(multi_step_loss: Any, num_steps: int) -> Callable[[Any], Any] | None:
+    """`maml`'s ``multi_step_loss`` as ``count -> weights[num_steps]``, or None (no multi-step
+    loss): an int N >= 1 means `maml_pp_weights` annealed over N outer steps."""
+    if isinstance(multi_step_loss, bool) or not (
+        multi_step_loss is None
+        or callable(multi_step_loss)
+        or isinstance(multi_step_loss, (int, np.integer))
+    ):
+        raise TypeError(
+            f"multi_step_loss must be None, an int or a callable, got {multi_step_loss!r}"
+        )
+    if not isinstance(multi_step_loss, (int, np.integer)):
+        return multi_step_loss
+    anneal = _checks.positive_int("multi_step_loss", multi_step_loss)
+
+    def weights_fn(count):
+        return maml_pp_weights(num_steps, anneal, count)
+
+    return weights_fn
+
+
+def step_weights(weights_fn: Callable[[Any], Any], count: jax.Array, num_steps: int) -> jax.Array:
+    """The multi-step loss weights at outer step ``count`` (no gradient), shape-checked."""
+    weights = jax.lax.stop_gradient(jnp.asarray(weights_fn(count)))
+    if weights.shape != (num_steps,):
+        raise ValueError(
+            f"multi_step_loss must return inner_steps = {num_steps} weights, "
+            f"got shape {weights.shape}"
+        )
+    return weights

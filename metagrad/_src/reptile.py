@@ -9,6 +9,7 @@ meta-batch of tasks whose meta-gradients φ − θ_K are averaged (references in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -17,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metagrad._src import base as _base
 from metagrad._src import checks as _checks
-from metagrad._src import loops as _loops
-from metagrad._src.adapt import adapt, inner_loop, to_varying
-from metagrad._src.base import MetaLearner, global_norm, keep_if_finite, mean_over_tasks
-from metagrad._src.diagnostics import mean_pairwise_cosine
-from metagrad._src.maml_loop import check_alignment, check_loss, check_tasks
+from metagrad._src.adapt import adapt
+from metagrad._src.base import MetaLearner
+from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
+from metagrad._src.inner_rules import as_inner_rule
 
 Params = chex.ArrayTree
 
@@ -40,6 +41,22 @@ class ReptileState(NamedTuple):
     params: Params
     outer_state: optax.OptState
     inner_state: optax.OptState | None
+
+
+def reptile_init(
+    outer: optax.GradientTransformation,
+    inner: optax.GradientTransformation,
+    reset_inner_state: bool,
+    params: Params,
+) -> ReptileState:
+    """The ``init`` of `reptile` and `seq_reptile`: the outer state at ``params``, and the
+    inner state to carry (None when reset at every outer step)."""
+    params = jax.tree.map(jnp.asarray, params)
+    return ReptileState(
+        params=params,
+        outer_state=outer.init(params),
+        inner_state=None if reset_inner_state else inner.init(params),
+    )
 
 
 def reptile(
@@ -145,52 +162,32 @@ def reptile(
       Low-Resource Natural Language Understanding Tasks
       <https://arxiv.org/abs/1908.10423>`_, EMNLP 2019.
     """
-    _checks.callable_("loss_fn", loss_fn)
+    inner_steps, outer_tx = check_learner(
+        loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
+        step_loop=step_loop, batch_per_step=batch_per_step,
+        reset_inner_state=reset_inner_state, alignment=alignment,
+    )  # fmt: skip
     inner = _checks.as_optimizer("inner", inner)
-    inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    outer_tx = _checks.outer_optimizer("outer", outer)
-    _checks.booleans(
-        batch_per_step=batch_per_step, reset_inner_state=reset_inner_state, alignment=alignment
-    )
-    _checks.axis_name(axis_name)
-    _loops.check(task_loop, step_loop)
-
-    def init_fn(params):
-        params = jax.tree.map(jnp.asarray, params)
-        return ReptileState(
-            params=params,
-            outer_state=outer_tx.init(params),
-            inner_state=None if reset_inner_state else inner.init(params),
-        )
+    rule = as_inner_rule(inner)
 
     def step_fn(state, tasks):
-        support, query, num_tasks = check_tasks(tasks)
-        if batch_per_step:
-            what = "[num_tasks, inner_steps, ...] (batch_per_step=True)"
-            _checks.stacked("tasks: support", support, (None, inner_steps), what)
-        check_alignment(alignment, num_tasks)
+        support, query, run_tasks, step_mode = start_step(
+            loss_fn, state.params, tasks, alignment=alignment, task_loop=task_loop,
+            step_loop=step_loop, num_steps=inner_steps, batch_per_step=batch_per_step,
+        )  # fmt: skip
         phi = state.params
-        inner_state = inner.init(phi) if reset_inner_state else state.inner_state
-        first = (jax.tree.map(lambda x: x[:, 0], support),) if batch_per_step else (support,)
-        task_mode, step_mode = _loops.resolve(
-            task_loop,
-            step_loop,
-            num_tasks=num_tasks,
-            num_steps=inner_steps,
-            jaxpr=check_loss(loss_fn, phi, first),
-        )
-
-        def task_run(start, batches):
-            return inner_loop(
-                loss_fn, inner, *start, batches, inner_steps, batch_per_step=batch_per_step,
-                keep_first_grad=alignment, step_loop=step_mode,
-            )  # fmt: skip
-
+        inner_states = task_states(
+            inner.init, phi, state.inner_state, run_tasks.num_tasks, reset=reset_inner_state,
+            axis_name=axis_name,
+        )  # fmt: skip
         # Each device adapts its own tasks: see `to_varying` for why φ is cast.
-        start = to_varying((phi, inner_state), axis_name)
-        run_tasks = _loops.TaskLoop(task_mode, num_tasks)
-        thetas, inner_states, losses, first_grads = run_tasks.map(task_run, start, support, True)
+        thetas, inner_states, _, outs = inner_loop(
+            loss_fn, rule, _base.to_varying(phi, axis_name), (), (), inner_states, support,
+            None, inner_steps, task_loop=run_tasks.mode, step_loop=step_mode, alignment=alignment,
+            batch_per_step=batch_per_step,
+        )  # fmt: skip
         query_losses = run_tasks.map(loss_fn, thetas, query, False)
+        thetas = run_tasks.stacked(thetas, False)
         meta_grad = jax.tree.map(lambda p, t: jnp.mean(p[None] - t, axis=0), phi, thetas)
         if axis_name is not None:
             meta_grad = jax.lax.pmean(meta_grad, axis_name)
@@ -199,17 +196,17 @@ def reptile(
         loss_post = jnp.mean(query_losses)
         metrics = {
             "loss": loss_post,
-            "loss_pre": jnp.mean(losses[:, 0]),
+            "loss_pre": jnp.mean(outs["support_loss"][0]),
             "loss_post": loss_post,
-            "meta_grad_norm": global_norm(meta_grad),
+            "meta_grad_norm": _base.global_norm(meta_grad),
         }
         if alignment:
-            metrics["alignment"] = mean_pairwise_cosine(first_grads)
+            metrics["alignment"] = outs["alignment"]
         new_inner_state = None
         if not reset_inner_state:
             # A non-finite task must not poison the state carried to later steps.
-            new_inner_state = keep_if_finite(
-                mean_over_tasks(inner_states, axis_name), state.inner_state
+            new_inner_state = _base.keep_if_finite(
+                _base.mean_over_tasks(inner_states, axis_name), state.inner_state
             )
         if axis_name is not None:
             metrics = jax.lax.pmean(metrics, axis_name)
@@ -224,7 +221,7 @@ def reptile(
         )
 
     return MetaLearner(
-        init=init_fn,
+        init=functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
         step=jax.jit(step_fn),
         adapt=jax.jit(adapt_fn, static_argnames="num_steps"),
     )

@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import chex
@@ -22,10 +23,11 @@ import optax
 
 from metagrad._src import checks as _checks
 from metagrad._src import loops as _loops
-from metagrad._src.adapt import adapt, inner_loop
+from metagrad._src.adapt import adapt, one_task
 from metagrad._src.base import MetaLearner, global_norm, keep_if_finite
 from metagrad._src.diagnostics import mean_pairwise_cosine, task_gradients
-from metagrad._src.reptile import ReptileState
+from metagrad._src.inner_loop import check_learner
+from metagrad._src.reptile import ReptileState, reptile_init
 
 Params = chex.ArrayTree
 
@@ -135,31 +137,20 @@ def seq_reptile(
       Lee, Lee, Lee, Hwang, `Sequential Reptile: Inter-Task Gradient Alignment
       for Multilingual Learning <https://arxiv.org/abs/2110.02600>`_, ICLR 2022.
     """
-    _checks.callable_("loss_fn", loss_fn)
+    inner_steps, outer_tx = check_learner(
+        loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
+        step_loop=step_loop, reset_inner_state=reset_inner_state, pass_task_id=pass_task_id,
+        alignment=alignment,
+    )  # fmt: skip
     inner = _checks.as_optimizer("inner", inner)
-    inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    outer_tx = _checks.outer_optimizer("outer", outer)
-    _checks.booleans(
-        reset_inner_state=reset_inner_state, pass_task_id=pass_task_id, alignment=alignment
-    )
-    _checks.axis_name(axis_name)
     if alignment and inner_steps < 2:
         raise ValueError("alignment=True needs inner_steps >= 2 batches to compare, got 1")
-    _loops.check(task_loop, step_loop)
 
     def tagged_loss(params, tagged):
         task_id, batch = tagged
         if pass_task_id:
             return loss_fn(params, batch, task_id)
         return loss_fn(params, batch)
-
-    def init_fn(params):
-        params = jax.tree.map(jnp.asarray, params)
-        return ReptileState(
-            params=params,
-            outer_state=outer_tx.init(params),
-            inner_state=None if reset_inner_state else inner.init(params),
-        )
 
     def step_fn(state, tasks):
         if not isinstance(tasks, (tuple, list)) or len(tasks) != 2:
@@ -188,7 +179,7 @@ def seq_reptile(
             num_steps=inner_steps,
             jaxpr=_loops.trace_loss(tagged_loss, phi, one)[0],
         )
-        theta, inner_state, losses, _ = inner_loop(
+        theta, inner_state, losses = one_task(
             tagged_loss,
             inner,
             phi,
@@ -234,7 +225,7 @@ def seq_reptile(
         return adapt(tagged_loss, inner, state.params, support, num_steps)
 
     return MetaLearner(
-        init=init_fn,
+        init=functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
         step=jax.jit(step_fn),
         adapt=jax.jit(adapt_fn, static_argnames="num_steps"),
     )

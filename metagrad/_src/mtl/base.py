@@ -170,11 +170,12 @@ def combine(updates: Any, weights: jax.Array) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
-def keep_state_if_finite(out: Any, new_state: Any, state: Any) -> Any:
+def keep_state_if_finite(out: Any, new_state: Any, state: Any, axis_name: Any = None) -> Any:
     """`new_state` if the combined update and the new state are finite, else `state`, whole.
 
     A non-finite step then leaves no trace in the aggregator (counters and PRNG keys included),
     exactly as if `optax.apply_if_finite` after it had skipped the step, while `out` itself goes
-    on non-finite so that the guard sees it.
+    on non-finite so that the guard sees it. With ``axis_name`` (parameters sharded over it,
+    each device holding a slice of `out`) the devices agree, so that they keep equal states.
     """
-    return _base.keep_if_finite((out, new_state), (out, state))[1]
+    return _base.keep_if_finite((out, new_state), (out, state), axis_name=axis_name)[1]

@@ -12,6 +12,7 @@ import optax
 from metagrad._src import checks as _checks
 from metagrad._src.mtl import base as _aggregate
 from metagrad._src.mtl import losses as _losses
+from metagrad._src.mtl import weighting as _weighting
 
 
 class DBMTLState(NamedTuple):
@@ -74,27 +75,22 @@ def db_mtl(
     beta_sigma = _checks.hyperparameter("beta_sigma", beta_sigma, low=0, low_inclusive=True)
     _aggregate.check_reduction(reduction)
 
-    def init_fn(params):
+    def init_state(params):
         def zeros(p):
             dtype = jnp.promote_types(jnp.result_type(p), jnp.float32)
             return jnp.zeros((num_tasks, *jnp.shape(p)), dtype)
 
         return DBMTLState(count=jnp.zeros([], jnp.int32), buffer=jax.tree.map(zeros, params))
 
-    def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-        del extra_args
-        _aggregate.check_task_axis(updates, params, num_tasks, name="db_mtl")
+    def weights_fn(updates, losses, state, params):
+        del params
         if jax.tree.structure(state.buffer) != jax.tree.structure(updates):
             raise ValueError(
                 "updates must have the tree structure of the params given to init; got "
                 f"{jax.tree.structure(updates)}, expected {jax.tree.structure(state.buffer)}"
             )
-        dtype = _losses.float_dtype()
-        losses, valid = _losses.task_losses(
-            losses, num_tasks, dtype, name="db_mtl", sign=_losses.POSITIVE
-        )
         count = optax.safe_increment(state.count)
-        beta_t = beta / count.astype(dtype) ** beta_sigma
+        beta_t = beta / count.astype(losses.dtype) ** beta_sigma
 
         def average(b, g):
             scale = (1.0 / losses).reshape((num_tasks,) + (1,) * (g.ndim - 1))
@@ -102,16 +98,12 @@ def db_mtl(
             return log_grad + beta_t.astype(b.dtype) * (b - log_grad)
 
         buffer = jax.tree.map(average, state.buffer, updates)
-        sq = sum(
-            jnp.sum(jnp.reshape(jnp.abs(b) ** 2, (num_tasks, -1)), axis=1).astype(dtype)
-            for b in jax.tree.leaves(buffer)
-        )
-        norms = jnp.sqrt(sq)
+        norms = _weighting.task_norms(jax.tree.leaves(buffer), num_tasks).astype(losses.dtype)
         alpha = jnp.where(norms > 0, jnp.max(norms) / jnp.where(norms > 0, norms, 1.0), 0.0)
-        alpha = jnp.where(valid, alpha, jnp.nan)
-        out = _aggregate.combine(buffer, _aggregate.reduce(alpha, reduction, num_tasks))
-        out = jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates)
-        new_state = DBMTLState(count=count, buffer=buffer)
-        return out, _aggregate.keep_state_if_finite(out, new_state, state)
+        return alpha, DBMTLState(count=count, buffer=buffer)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # The combined vectors are the averaged log-loss gradients of the state.
+    return _weighting.loss_weighting(
+        "db_mtl", init_state, weights_fn, num_tasks=num_tasks, sign=_losses.POSITIVE,
+        reduction=reduction, vectors=lambda state: state.buffer,
+    )  # fmt: skip

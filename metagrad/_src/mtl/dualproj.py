@@ -40,9 +40,9 @@ def dualproj(
 
     Args:
       reduction: ``"mean"`` or ``"sum"``.
-      norm_eps: trace of G below which it counts as zero (TorchJD's, 1e-4).
-      reg_eps: added to the diagonal of the normalised Gram matrix (TorchJD's, 1e-4).
-      axis_name: device axis over which the parameters are sharded, or None.
+      norm_eps: as in `upgrad`.
+      reg_eps: as in `upgrad`.
+      axis_name: as in `upgrad`.
 
     Returns:
       The DualProj transformation: per-task gradients (leaves ``[T, ...]``) in, the mean

@@ -12,6 +12,7 @@ import optax
 from metagrad._src import checks as _checks
 from metagrad._src.mtl import base as _aggregate
 from metagrad._src.mtl import losses as _losses
+from metagrad._src.mtl import weighting as _weighting
 
 
 class DWAState(NamedTuple):
@@ -78,30 +79,22 @@ def dwa(
     period = _checks.positive_int("period", period)
     _aggregate.check_reduction(reduction)
 
-    def init_fn(params):
+    def init_state(params):
         del params
-        zeros = jnp.zeros((num_tasks,), _losses.float_dtype())
         return DWAState(
             count=jnp.zeros([], jnp.int32),
             periods=jnp.zeros([], jnp.int32),
-            loss_sum=zeros,
-            last=jnp.ones_like(zeros),
-            before_last=jnp.ones_like(zeros),
+            loss_sum=_losses.task_vector(num_tasks, 0.0),
+            last=_losses.task_vector(num_tasks, 1.0),
+            before_last=_losses.task_vector(num_tasks, 1.0),
         )
 
-    def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-        del extra_args
-        _aggregate.check_task_axis(updates, params, num_tasks, name="dwa")
-        losses, valid = _losses.task_losses(
-            losses, num_tasks, state.last.dtype, name="dwa", sign=_losses.POSITIVE
-        )
+    def weights_fn(updates, losses, state, params):
+        del updates, params
         rates = state.last / state.before_last
         weights = jnp.where(
             state.periods >= 2, num_tasks * jax.nn.softmax(rates / temperature), 1.0
         )
-        weights = jnp.where(valid, weights, jnp.nan)
-        out = _aggregate.combine(updates, _aggregate.reduce(weights, reduction, num_tasks))
-
         loss_sum = state.loss_sum + losses
         count = optax.safe_increment(state.count)
         closes = count % period == 0
@@ -112,6 +105,9 @@ def dwa(
             last=jnp.where(closes, loss_sum / period, state.last),
             before_last=jnp.where(closes, state.last, state.before_last),
         )
-        return out, _aggregate.keep_state_if_finite(out, new_state, state)
+        return weights, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _weighting.loss_weighting(
+        "dwa", init_state, weights_fn, num_tasks=num_tasks, sign=_losses.POSITIVE,
+        reduction=reduction,
+    )  # fmt: skip

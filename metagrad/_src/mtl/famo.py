@@ -12,6 +12,7 @@ import optax
 from metagrad._src import checks as _checks
 from metagrad._src.mtl import base as _aggregate
 from metagrad._src.mtl import losses as _losses
+from metagrad._src.mtl import weighting as _weighting
 
 
 class FAMOState(NamedTuple):
@@ -85,23 +86,19 @@ def famo(
     weight_decay = _checks.hyperparameter("weight_decay", weight_decay, low=0, low_inclusive=True)
     _aggregate.check_reduction(reduction)
 
-    def init_fn(params):
+    def init_state(params):
         del params
-        logits = jnp.zeros((num_tasks,), _losses.float_dtype())
+        logits = _losses.task_vector(num_tasks, 0.0)
         return FAMOState(
             count=jnp.zeros([], jnp.int32),
             logits=logits,
-            prev_losses=jnp.ones_like(logits),
+            prev_losses=_losses.task_vector(num_tasks, 1.0),
             logit_state=opt.init(logits),
         )
 
-    def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-        del extra_args
-        _aggregate.check_task_axis(updates, params, num_tasks, name="famo")
+    def weights_fn(updates, losses, state, params):
+        del updates, params
         xi = state.logits
-        losses, valid = _losses.task_losses(
-            losses, num_tasks, xi.dtype, name="famo", sign=_losses.POSITIVE
-        )
         # The logits' step on the decrease of the log-losses since the previous call.
         delta = jnp.log(state.prev_losses) - jnp.log(losses)
         z = jax.nn.softmax(xi)
@@ -112,16 +109,16 @@ def famo(
         logit_state = jax.tree.map(
             lambda old, new: jnp.where(first, old, new), state.logit_state, logit_state
         )
-
         scaled = jax.nn.softmax(xi) / losses
-        weights = jnp.where(valid, num_tasks * scaled / jnp.sum(scaled), jnp.nan)
-        out = _aggregate.combine(updates, _aggregate.reduce(weights, reduction, num_tasks))
         new_state = FAMOState(
             count=optax.safe_increment(state.count),
             logits=xi,
             prev_losses=losses,
             logit_state=logit_state,
         )
-        return out, _aggregate.keep_state_if_finite(out, new_state, state)
+        return num_tasks * scaled / jnp.sum(scaled), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _weighting.loss_weighting(
+        "famo", init_state, weights_fn, num_tasks=num_tasks, sign=_losses.POSITIVE,
+        reduction=reduction,
+    )  # fmt: skip

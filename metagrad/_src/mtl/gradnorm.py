@@ -14,12 +14,12 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from metagrad._src import checks as _checks
 from metagrad._src.mtl import base as _aggregate
-from metagrad._src.mtl.base import check_task_axis, combine
+from metagrad._src.mtl import losses as _losses
+from metagrad._src.mtl import weighting as _weighting
 
 _WEIGHT_UPDATES = ("clip", "log")
 
@@ -90,8 +90,9 @@ def gradnorm(
 
     Returns:
       An `optax.GradientTransformationExtraArgs`; call ``update(updates, state, params,
-      losses=losses)`` with updates of leaves ``[T, ...]`` and losses of shape ``[T]``. A step
-      whose task gradients or losses are not all finite returns a non-finite update (for
+      losses=losses)`` with updates of leaves ``[T, ...]`` and losses of shape ``[T]``, which must
+      be > 0. Concrete non-positive losses raise a ValueError; a step whose task gradients or
+      losses are not all finite (or, traced, not all positive) returns a non-finite update (for
       ``optax.apply_if_finite`` after it to skip) and leaves the state unchanged. Works under
       `optax.inject_hyperparams` (``static_args=("num_tasks", "norm_mask")``) with `alpha`,
       `learning_rate` and `min_weight` injected.
@@ -111,27 +112,21 @@ def gradnorm(
     """
     num_tasks = _aggregate.num_tasks_arg(num_tasks)
     alpha = _checks.hyperparameter("alpha", alpha, low=0, low_inclusive=True)
-    if isinstance(learning_rate, optax.GradientTransformation):
-        weight_opt = learning_rate
-    else:
-        weight_opt = optax.sgd(_checks.hyperparameter("learning_rate", learning_rate, low=0))
+    weight_opt = _losses.optimizer(learning_rate)
     _aggregate.check_reduction(reduction)
     _checks.one_of("weight_update", weight_update, _WEIGHT_UPDATES)
     min_weight = _checks.hyperparameter(
         "min_weight", min_weight, low=0, high=1, high_inclusive=False
     )
-    if norm_mask is not None and not callable(norm_mask):
-        for leaf in jax.tree.leaves(norm_mask):
-            if not isinstance(leaf, (bool, np.bool_)):
-                raise TypeError(f"norm_mask leaves must be bools, got {leaf!r}")
+    _checks.bool_mask("norm_mask", norm_mask)
 
-    def init_fn(params):
+    def init_state(params):
         del params
-        weights = jnp.ones((num_tasks,), jnp.result_type(float))
+        weights = _losses.task_vector(num_tasks, 1.0)
         return GradNormState(
             count=jnp.zeros([], jnp.int32),
             weights=weights,
-            initial_losses=jnp.ones_like(weights),
+            initial_losses=_losses.task_vector(num_tasks, 1.0),
             weight_state=weight_opt.init(weights),
         )
 
@@ -139,38 +134,19 @@ def gradnorm(
         if norm_mask is None:
             selected = jax.tree.leaves(updates)
         else:
-            if callable(norm_mask):
-                if params is None:
-                    raise ValueError("gradnorm with a callable norm_mask needs params in update")
-                mask = norm_mask(params)
-            else:
-                mask = norm_mask
-            if jax.tree.structure(mask) != jax.tree.structure(updates):
-                raise ValueError(
-                    "norm_mask must have the tree structure of params; got "
-                    f"{jax.tree.structure(mask)}, expected {jax.tree.structure(updates)}"
-                )
-            selected = [
-                u for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(mask), strict=True) if m
-            ]
+            if callable(norm_mask) and params is None:
+                raise ValueError("gradnorm with a callable norm_mask needs params in update")
+            # A mask of params' structure, applied to the updates (a task axis more per leaf).
+            reference = updates if params is None else params
+            flags = _checks.mask_flags("norm_mask", norm_mask, reference)
+            selected = [u for u, m in zip(jax.tree.leaves(updates), flags, strict=True) if m]
             if not selected:
                 raise ValueError("norm_mask selects no leaf; mark at least one leaf True")
-        sq = sum(jnp.sum(jnp.abs(jnp.reshape(u, (num_tasks, -1))) ** 2, axis=1) for u in selected)
-        return jnp.sqrt(sq)
+        return _weighting.task_norms(selected, num_tasks)
 
-    def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-        del extra_args
-        check_task_axis(updates, params, num_tasks, name="gradnorm")
-        if losses is None:
-            raise ValueError(
-                "gradnorm needs the per-task losses: call update(updates, state, params, "
-                "losses=losses) with losses of shape [num_tasks]"
-            )
-        losses = jnp.asarray(losses)
-        if losses.shape != (num_tasks,):
-            raise ValueError(f"losses must have shape ({num_tasks},), got {losses.shape}")
+    def weights_fn(updates, losses, state, params):
         dtype = state.weights.dtype
-        losses = jax.lax.stop_gradient(losses.astype(dtype))
+        losses = losses.astype(dtype)
         norms = jax.lax.stop_gradient(task_norms(updates, params).astype(dtype))
         weights = state.weights
 
@@ -191,16 +167,17 @@ def gradnorm(
             new_logs = optax.apply_updates(logs, step)
             new_weights = jnp.exp(new_logs - jnp.max(new_logs))
         new_weights = new_weights * (num_tasks / jnp.sum(new_weights))
-
-        # A non-finite loss makes the update non-finite too, so that the guard skips the step.
-        out_weights = jnp.where(jnp.all(jnp.isfinite(losses)), weights, jnp.nan)
-        out = combine(updates, _aggregate.reduce(out_weights, reduction, num_tasks))
         new_state = GradNormState(
             count=optax.safe_increment(state.count),
             weights=new_weights,
             initial_losses=initial,
             weight_state=weight_state,
         )
-        return out, _aggregate.keep_state_if_finite(out, new_state, state)
+        # The update uses the current weights (Algorithm 1); a non-finite loss makes it
+        # non-finite, so that the guard skips the step.
+        return weights, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _weighting.loss_weighting(
+        "gradnorm", init_state, weights_fn, num_tasks=num_tasks, sign=_losses.POSITIVE,
+        reduction=reduction,
+    )  # fmt: skip

@@ -71,15 +71,7 @@ def gram_aggregator(
             gram = gram.astype(floats[0].dtype)
         weights, new_state = weights_fn(gram, state)
         out = combine(updates, weights)
-        if axis_name is None:
-            return out, keep_state_if_finite(out, new_state, state)
-        # Each device sees its slice of `out`: agree on finiteness over the axis, so that every
-        # device keeps (or updates) the same state.
-        leaves = jax.tree.leaves((out, new_state))
-        floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-        bad = sum(jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in floats)
-        ok = jax.lax.psum(bad, axis_name) == 0
-        return out, jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        return out, keep_state_if_finite(out, new_state, state, axis_name)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

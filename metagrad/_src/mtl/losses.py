@@ -67,3 +67,9 @@ def optimizer(value: Any) -> optax.GradientTransformation:
 def float_dtype() -> Any:
     """The dtype of the methods' float state: float32, or float64 with jax_enable_x64."""
     return jnp.result_type(float)
+
+
+def task_vector(num_tasks: int, value: float) -> jax.Array:
+    """A [num_tasks] vector of the state's float dtype filled with `value` (e.g. initial
+    weights, logits or losses)."""
+    return jnp.full((num_tasks,), value, float_dtype())

@@ -12,6 +12,7 @@ import optax
 from metagrad._src import checks as _checks
 from metagrad._src.mtl import base as _aggregate
 from metagrad._src.mtl import losses as _losses
+from metagrad._src.mtl import weighting as _weighting
 from metagrad._src.mtl.surgery import _key_from_seed
 
 _DISTRIBUTIONS = ("normal", "uniform", "dirichlet")
@@ -84,20 +85,17 @@ def rlw(
     _checks.one_of("distribution", distribution, _DISTRIBUTIONS)
     _aggregate.check_reduction(reduction)
 
-    def init_fn(params):
+    def init_state(params):
         del params
         return RLWState(count=jnp.zeros([], jnp.int32), key=key0)
 
-    def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-        del extra_args
-        num_tasks = _aggregate.check_task_axis(updates, params, name="rlw")
-        dtype = _losses.float_dtype()
-        _, valid = _losses.task_losses(losses, num_tasks, dtype, name="rlw", required=False)
+    def weights_fn(updates, losses, state, params):
+        del losses, params
+        num_tasks = jax.tree.leaves(updates)[0].shape[0]
         key, sub = jax.random.split(state.key)
-        weights = num_tasks * random_weights(sub, num_tasks, distribution, dtype)
-        weights = jnp.where(valid, weights, jnp.nan)
-        out = _aggregate.combine(updates, _aggregate.reduce(weights, reduction, num_tasks))
-        new_state = RLWState(count=optax.safe_increment(state.count), key=key)
-        return out, _aggregate.keep_state_if_finite(out, new_state, state)
+        weights = num_tasks * random_weights(sub, num_tasks, distribution, _losses.float_dtype())
+        return weights, RLWState(count=optax.safe_increment(state.count), key=key)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _weighting.loss_weighting(
+        "rlw", init_state, weights_fn, losses_required=False, reduction=reduction
+    )

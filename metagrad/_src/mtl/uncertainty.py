@@ -11,6 +11,7 @@ import optax
 from metagrad._src import checks as _checks
 from metagrad._src.mtl import base as _aggregate
 from metagrad._src.mtl import losses as _losses
+from metagrad._src.mtl import weighting as _weighting
 
 
 class UncertaintyWeightingState(NamedTuple):
@@ -75,29 +76,26 @@ def uncertainty_weighting(
     opt = _losses.optimizer(learning_rate)
     init_log_var = _checks.hyperparameter("init_log_var", init_log_var)
 
-    def init_fn(params):
+    def init_state(params):
         del params
-        log_vars = jnp.full((num_tasks,), init_log_var, _losses.float_dtype())
+        log_vars = _losses.task_vector(num_tasks, init_log_var)
         return UncertaintyWeightingState(
             count=jnp.zeros([], jnp.int32), log_vars=log_vars, log_var_state=opt.init(log_vars)
         )
 
-    def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-        del extra_args
-        _aggregate.check_task_axis(updates, params, num_tasks, name="uncertainty_weighting")
+    def weights_fn(updates, losses, state, params):
+        del updates, params
         s = state.log_vars
-        losses, valid = _losses.task_losses(
-            losses, num_tasks, s.dtype, name="uncertainty_weighting", sign=_losses.NONNEGATIVE
-        )
         precision = jnp.exp(-s)
-        weights = jnp.where(valid, 0.5 * precision, jnp.nan)
-        out = _aggregate.combine(updates, weights)
         step, log_var_state = opt.update(0.5 * (1.0 - precision * losses), state.log_var_state, s)
         new_state = UncertaintyWeightingState(
             count=optax.safe_increment(state.count),
             log_vars=optax.apply_updates(s, step),
             log_var_state=log_var_state,
         )
-        return out, _aggregate.keep_state_if_finite(out, new_state, state)
+        return 0.5 * precision, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _weighting.loss_weighting(
+        "uncertainty_weighting", init_state, weights_fn, num_tasks=num_tasks,
+        sign=_losses.NONNEGATIVE,
+    )  # fmt: skip
