@@ -225,8 +225,7 @@ def _make(problem: Problem, cfg: Config):
         idx = jax.random.randint(key, (BATCH,), 0, n)
         return x[idx], y[idx]
 
-    def init_one(weight, key):
-        params = mlp_init(key, dims)
+    def init_one(weight, params):
         return params, tx_of(weight).init(params)
 
     def chunk_one(carry, weight, n, x, y, key):
@@ -264,18 +263,24 @@ def _make(problem: Problem, cfg: Config):
     sizes = jnp.asarray(problem.sizes, jnp.int32)
     weights = jnp.asarray(cfg.weights, jnp.float32)
 
-    def init_all(keys):
+    def init_cells(params):
         # Same initialization for every cell of a seed: broadcast over noise, size, weight.
-        def per_seed(k):
-            cell = jax.vmap(lambda w: init_one(w, k))(weights)  # [W, ...]
+        def per_seed(p):
+            cell = jax.vmap(lambda w: init_one(w, p))(weights)  # [W, ...]
             cell = jax.tree.map(
                 lambda a: jnp.broadcast_to(a, (len(problem.sizes),) + a.shape), cell
             )
             return jax.tree.map(lambda a: jnp.broadcast_to(a, (len(cfg.noise),) + a.shape), cell)
 
-        return jax.vmap(per_seed)(keys)
+        return jax.vmap(per_seed)(params)
 
-    init_all = jax.jit(init_all)
+    init_cells = jax.jit(init_cells)
+
+    def init_all(keys):
+        # One eager `mlp_init` per seed (the same draws as under vmap): compiling the random
+        # draws under jit and vmap costs seconds more than these few eager calls.
+        params = [mlp_init(k, dims) for k in keys]
+        return init_cells(jax.tree.map(lambda *a: jnp.stack(a), *params))
 
     f = jax.vmap(chunk_one, in_axes=(0, 0, None, None, None, None))  # weights
     f = jax.vmap(f, in_axes=(0, None, 0, None, None, None))  # sizes
