@@ -8,10 +8,10 @@ import pathlib
 
 import numpy as np
 
-from experiments.dotprod_sweep import Config
+from experiments.dotprod_sweep import LR, Config
 
 
-def plot(out_dir: pathlib.Path, cfg: Config, results: dict) -> None:
+def plot(out_dir: pathlib.Path, cfg: Config, results: dict, stem: str = "dotprod_sweep") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,6 +25,7 @@ def plot(out_dir: pathlib.Path, cfg: Config, results: dict) -> None:
         squeeze=False,
     )
     base = cfg.weights.index(0.0)
+    lr = cfg.finetune_lr if cfg.setting == "finetune" else LR
     for d, name in enumerate(names):
         problem, metrics = results[name]["problem"], results[name]["metrics"]
         acc = metrics["test_acc"]
@@ -53,13 +54,18 @@ def plot(out_dir: pathlib.Path, cfg: Config, results: dict) -> None:
             bottom.set_xlabel("training-set size")
         axes[2 * d, 0].legend(fontsize=8)
         axes[2 * d + 1, 0].legend(fontsize=8)
-    fig.suptitle(f"Meta DotProd: mean ± s.e. over {cfg.seeds} seeds, {cfg.steps} Adam steps")
+    fig.suptitle(
+        f"Meta DotProd ({cfg.setting}): mean ± s.e. over {cfg.seeds} seeds, "
+        f"{cfg.steps} Adam steps, lr {lr:g}"
+    )
     fig.tight_layout()
-    fig.savefig(out_dir / "dotprod_sweep.png", dpi=100)
+    fig.savefig(out_dir / f"{stem}.png", dpi=100)
     plt.close(fig)
 
-    # Figure 4: the dot product over training, w = 0 vs 0.1, smallest and largest set.
-    compare = [w for w in (0.0, 0.1) if w in cfg.weights]
+    # Figure 4: the dot product over training, w = 0 vs 0.1 (and 0.01 when fine-tuning),
+    # smallest and largest set.
+    shown = (0.0, 0.01, 0.1) if cfg.setting == "finetune" else (0.0, 0.1)  # 0.1 diverges there
+    compare = [w for w in shown if w in cfg.weights]
     fig, axes = plt.subplots(len(names), len(cfg.noise), figsize=(4.2 * len(cfg.noise),
                              3.6 * len(names)), squeeze=False)  # fmt: skip
     steps = np.arange(1, cfg.steps // cfg.log_every + 1) * cfg.log_every
@@ -73,7 +79,7 @@ def plot(out_dir: pathlib.Path, cfg: Config, results: dict) -> None:
                     # orders of magnitude larger and would swamp a mean.
                     v = dots[:, z, n, cfg.weights.index(weight)]
                     lo, mid, hi = np.percentile(v, [25, 50, 75], axis=0)
-                    style = "-" if weight == 0 else "--"
+                    style = {0.0: "-", 0.01: ":"}.get(weight, "--")
                     label = f"n={problem.size_labels[n]}, w={weight:g}"
                     line = ax.plot(steps, mid, style, label=label)[0]
                     ax.fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
@@ -88,5 +94,5 @@ def plot(out_dir: pathlib.Path, cfg: Config, results: dict) -> None:
         f"quartiles over {cfg.seeds} seeds"
     )
     fig.tight_layout()
-    fig.savefig(out_dir / "dotprod_sweep_grad_dot.png", dpi=100)
+    fig.savefig(out_dir / f"{stem}_grad_dot.png", dpi=100)
     plt.close(fig)

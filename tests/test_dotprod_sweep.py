@@ -5,6 +5,8 @@ At the paper's weight 0.1 the sweep found no stable direction at a tiny budget (
 notes): nothing about it is pinned here.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +73,45 @@ _FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes
 
 def _compiled(jitted, *args):
     return jitted.lower(*args).compile(compiler_options=_FAST)
+
+
+def test_finetune_pretrains_on_disjoint_classes_and_keeps_the_body(monkeypatch, grid):
+    from experiments import dotprod_sweep_finetune as ft
+
+    c, inst = 240, ds.GLYPH_INSTANCES  # enough classes for 200 pretraining + 6 target ones
+    images = np.zeros((c * inst, 28, 28), np.uint8)
+    images[:, 0, 0] = np.arange(c * inst) % 256  # tags (as above) to recover each row
+    images[:, 0, 2] = np.arange(c * inst) // 256
+    labels = np.repeat(np.arange(c), inst)
+    fake = glyphs.Glyphs(images, labels, np.arange(c), np.zeros(c, np.int64), ("A",))
+    monkeypatch.setattr(glyphs, "load", lambda *a, **k: fake)
+    cfg = ds.Config(seeds=2, steps=1, log_every=1, weights=(0.0, 0.1), glyph_shots=(1, 2),
+                    glyph_classes=6, noise=(0.0, 0.2), setting="finetune")  # fmt: skip
+    problem = ft.glyph_problem(cfg, seed=0)
+    assert problem.pretrain_x.shape == (2, ft.PRETRAIN_GLYPH_CLASSES * inst, 196)
+    for s in range(2):
+        rows = np.round(problem.pretrain_x[s][:, 0] * 4 * 255).astype(int) + 256 * np.round(
+            problem.pretrain_x[s][:, 1] * 4 * 255
+        ).astype(int)
+        pre = set(labels[rows])
+        assert len(pre) == ft.PRETRAIN_GLYPH_CLASSES and not pre & set(problem.classes[s])
+        # Pretraining labels: one index per class, consistent with the true classes.
+        assert len(set(zip(labels[rows], problem.pretrain_y[s], strict=True))) == len(pre)
+    digits = ft.digits_problem(dataclasses.replace(cfg, digits_sizes=(25, 50)), seed=0)
+    assert set(np.unique(digits.pretrain_y)) == set(range(5)) and digits.num_classes == 5
+    assert set(np.unique(digits.y)) == set(range(5))
+    # The grid's initial cells: the pretrained hidden layers, one fresh head per seed.
+    # (On digits: the grid fixture's hidden-layer shapes, fewer compilations.)
+    dims = (64, ds.HIDDEN, ds.HIDDEN, 5)
+    body = [{"w": jnp.full((2, i, o), i + o / 1000.0), "b": jnp.zeros((2, o))}
+            for i, o in zip(dims[:-1], dims[1:], strict=True)]  # fmt: skip
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    params = ds._make(digits, cfg)[0](keys, body)[0]
+    assert params[0]["w"].shape == (2, 2, 2, 2, 64, ds.HIDDEN)  # [S, Z, N, W, ...]
+    for layer, ref in zip(params[:-1], body[:-1], strict=True):
+        np.testing.assert_array_equal(layer["w"], ref["w"][0, 0, 0])
+    fresh = mlp_init(keys[1], dims)[-1]["w"]
+    np.testing.assert_array_equal(params[-1]["w"][1, 1, 1, 1], fresh)  # a fresh 5-way head
 
 
 @pytest.fixture(scope="module")
