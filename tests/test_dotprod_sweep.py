@@ -101,17 +101,17 @@ def test_finetune_pretrains_on_disjoint_classes_and_keeps_the_body(monkeypatch, 
     assert set(np.unique(digits.pretrain_y)) == set(range(5)) and digits.num_classes == 5
     assert set(np.unique(digits.y)) == set(range(5))
     # The grid's initial cells: the pretrained hidden layers, one fresh head per seed.
-    # (On digits: the grid fixture's hidden-layer shapes, fewer compilations.)
-    dims = (64, ds.HIDDEN, ds.HIDDEN, 5)
+    # (Through the grid fixture's compiled `init_all`: 2 seeds x 2 noise x 2 sizes x 2 weights.)
+    dims = (64, ds.HIDDEN, ds.HIDDEN, 10)
     body = [{"w": jnp.full((2, i, o), i + o / 1000.0), "b": jnp.zeros((2, o))}
             for i, o in zip(dims[:-1], dims[1:], strict=True)]  # fmt: skip
     keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    params = ds._make(digits, cfg)[0](keys, body)[0]
+    params = grid["init_all"](keys, body)[0]
     assert params[0]["w"].shape == (2, 2, 2, 2, 64, ds.HIDDEN)  # [S, Z, N, W, ...]
     for layer, ref in zip(params[:-1], body[:-1], strict=True):
         np.testing.assert_array_equal(layer["w"], ref["w"][0, 0, 0])
     fresh = mlp_init(keys[1], dims)[-1]["w"]
-    np.testing.assert_array_equal(params[-1]["w"][1, 1, 1, 1], fresh)  # a fresh 5-way head
+    np.testing.assert_array_equal(params[-1]["w"][1, 1, 1, 1], fresh)  # a fresh head
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def grid():
             first = carry[0], np.asarray(dots), np.asarray(cos)
     args = carry[0], x, jnp.asarray(y), jnp.asarray(y_noisy)
     metrics = _compiled(final, *args)(*args)
-    return dict(cfg=cfg, problem=problem, y_noisy=y_noisy, init_keys=init_keys,
+    return dict(cfg=cfg, problem=problem, y_noisy=y_noisy, init_keys=init_keys, init_all=init_all,
                 chunk_keys=chunk_keys, first=first, last_dots=np.asarray(dots),
                 metrics={k: np.asarray(v) for k, v in metrics.items()})  # fmt: skip
 
