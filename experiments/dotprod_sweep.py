@@ -14,7 +14,9 @@ default-suite `experiments.digits` run compares methods at one setting (500 digi
 - symmetric label noise on the training labels: 0, 20 %, 40 % (a label is replaced by a
   uniformly drawn *other* class with that probability; test labels stay clean);
 
-on two single-task problems, each a plain classification trained from scratch:
+on two single-task problems, each a plain classification trained from scratch (the default
+``--dotprod-sweep-setting scratch``; ``finetune`` pretrains on disjoint classes first, see
+`experiments.dotprod_sweep_finetune`):
 
 - ``digits``: scikit-learn's 8×8 digits (as `experiments.digits`), MLP 64-64-64-10; per
   seed a random permutation: the first n images train, the images after the largest n
@@ -37,10 +39,8 @@ to weight 0 (mean ± s.e. of the per-seed differences), which is what decides "h
 
 Cost: one jitted call per chunk runs the whole grid, vmapped over seeds × noise × sizes ×
 weights (``weight`` is a traced scalar of `mg.dotprod`), a `jax.lax.scan` over the steps.
-
-Figure 4's quantity: every ``log_every`` steps, the mean dot product (and cosine) between
-the gradients of consecutive batches among 8 fresh training batches (noisy labels, as
-trained on), at the current weights; plotted for weight 0 vs 0.1.
+Figure 4's quantity: every ``log_every`` steps, the mean dot product (and cosine) between the
+gradients of consecutive batches among 8 fresh training batches (noisy labels, as trained on).
 
 Outcome of the full budget (8 seeds, 1200 steps; seed 0; README and the notes have the table):
 no cell where DotProd improves test accuracy beyond about two standard errors, at any weight up
@@ -50,10 +50,8 @@ dot product; the exact HVP scheme diverges as well); where it does not diverge, 
 raises the consecutive-batch gradient dot product 1.2-1.8x, as in the paper's Figure 4.
 tests/test_dotprod_sweep.py pins only the divergence at weight 1.
 
-Outputs: ``dotprod_sweep.{json,csv}``, ``dotprod_sweep_raw.npz`` (every run's numbers),
-``dotprod_sweep.png`` (test accuracy and paired difference vs training-set size, per dataset
-and noise level, one line per weight) and
-``dotprod_sweep_grad_dot.png`` (the dot products over training, weight 0 vs 0.1).
+Outputs (``dotprod_sweep_finetune*`` in the finetune setting): ``dotprod_sweep.{json,csv}``,
+``dotprod_sweep_raw.npz`` (every run's numbers) and the figures of `dotprod_sweep_plots`.
 
 References:
   Kedia, Chinthakindi, Ryu, `Beyond Reptile: Meta-Learned Dot-Product Maximization between
@@ -75,6 +73,14 @@ import optax
 import metagrad as mg
 from experiments import config, writers
 from experiments.config import option
+from experiments.dotprod_sweep_data import (  # noqa: F401 - re-exported
+    GLYPH_INSTANCES,
+    GLYPH_TEST,
+    Problem,
+    digits_problem,
+    glyph_problem,
+    noisy_labels,
+)
 from experiments.models import mlp_apply, mlp_init
 
 NAME = "dotprod_sweep"
@@ -88,8 +94,6 @@ LR = 1e-3
 BATCH = 16
 HIDDEN = 64
 DOT_BATCHES = 8  # fresh batches whose consecutive gradient dot products are logged
-GLYPH_INSTANCES = 20  # per class in the rendered set
-GLYPH_TEST = 10  # test images per class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +113,16 @@ class Config:
         "label-noise rates of the training labels", default=(0.0, 0.2, 0.4), type=float, many=True
     )
     datasets: tuple[str, ...] = option("datasets", default=DATASETS, choices=DATASETS, many=True)
+    setting: str = option(
+        "scratch (train from a fresh init) or finetune (pretrain on disjoint classes, then "
+        "fine-tune a fresh head and the pretrained body; see dotprod_sweep_finetune)",
+        default="scratch",
+        choices=("scratch", "finetune"),
+    )
+    finetune_lr: float = option("Adam learning rate of the finetune setting", default=3e-4,
+                                type=float)  # fmt: skip
+    pretrain_steps: int = option("pretraining Adam steps (finetune setting)", default=1000,
+                                 minimum=1)  # fmt: skip
     scheme: str = option(
         "mg.dotprod's G1G2 scheme: forward (the paper's finite difference) or exact (HVP)",
         default="forward",
@@ -144,66 +158,6 @@ def add_arguments(parser) -> None:
     config.add_options(parser, Config, BUDGETS, NAME)
 
 
-# -- data: per seed a pool [P, D] whose first n examples train and whose tail tests ----------
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    name: str
-    x: np.ndarray  # float32 [seeds, P, D]
-    y: np.ndarray  # int32 [seeds, P] clean labels
-    sizes: tuple[int, ...]  # training-set sizes n (train = pool[:n])
-    test_from: int  # test = pool[test_from:]
-    num_classes: int
-    size_labels: tuple[str, ...]
-
-
-def digits_problem(cfg: Config, seed: int) -> Problem:
-    from experiments.digits import load_digits
-
-    x, y = load_digits()
-    rng = np.random.default_rng([seed, 1])
-    perms = np.stack([rng.permutation(len(y)) for _ in range(cfg.seeds)])
-    sizes = tuple(sorted(cfg.digits_sizes))
-    return Problem("digits", x[perms], y[perms], sizes, sizes[-1], 10, tuple(map(str, sizes)))
-
-
-def glyph_problem(cfg: Config, seed: int) -> Problem:
-    """Per seed `glyph_classes` random classes, interleaved so pool[:k·C] has k per class."""
-    from experiments import glyphs
-
-    data = glyphs.load(0)
-    images = data.images.astype(np.float32) / 255.0
-    images = images.reshape(-1, 14, 2, 14, 2).mean((2, 4)).reshape(len(images), -1)
-    rng = np.random.default_rng([seed, 2])
-    c = cfg.glyph_classes
-    xs, ys = [], []
-    for _ in range(cfg.seeds):
-        classes = rng.choice(data.num_classes, c, replace=False)
-        rows = np.stack([np.flatnonzero(data.labels == k) for k in classes])  # [C, 20]
-        rows = np.stack([rng.permutation(r) for r in rows])
-        xs.append(images[rows.T.reshape(-1)])  # instance-major: j·C + class
-        ys.append(np.tile(np.arange(c, dtype=np.int32), rows.shape[1]))
-    shots = tuple(sorted(cfg.glyph_shots))
-    return Problem(
-        "glyphs",
-        np.stack(xs),
-        np.stack(ys),
-        tuple(k * c for k in shots),
-        (GLYPH_INSTANCES - GLYPH_TEST) * c,
-        c,
-        tuple(f"{k}/class" for k in shots),
-    )
-
-
-def noisy_labels(key, y, rate, num_classes):
-    """Symmetric noise: with probability `rate` a label becomes a uniform *other* class."""
-    k1, k2 = jax.random.split(key)
-    flip = jax.random.uniform(k1, y.shape) < rate
-    shift = jax.random.randint(k2, y.shape, 1, num_classes)
-    return jnp.where(flip, (y + shift) % num_classes, y)
-
-
 def _loss(params, batch):
     x, y = batch
     logits = mlp_apply(params, x)
@@ -218,15 +172,16 @@ def _make(problem: Problem, cfg: Config):
     grad = jax.grad(_loss)
     dims = (problem.x.shape[-1], HIDDEN, HIDDEN, problem.num_classes)
 
+    lr = cfg.finetune_lr if cfg.setting == "finetune" else LR
+
     def tx_of(weight):
-        return optax.chain(mg.dotprod(weight=weight, scheme=cfg.scheme), optax.adam(LR))
+        return optax.chain(mg.dotprod(weight=weight, scheme=cfg.scheme), optax.adam(lr))
 
     def batch_of(key, n, x, y):
         idx = jax.random.randint(key, (BATCH,), 0, n)
         return x[idx], y[idx]
 
-    def init_one(weight, key):
-        params = mlp_init(key, dims)
+    def init_one(weight, params):
         return params, tx_of(weight).init(params)
 
     def chunk_one(carry, weight, n, x, y, key):
@@ -264,18 +219,30 @@ def _make(problem: Problem, cfg: Config):
     sizes = jnp.asarray(problem.sizes, jnp.int32)
     weights = jnp.asarray(cfg.weights, jnp.float32)
 
-    def init_all(keys):
+    def init_cells(params):
         # Same initialization for every cell of a seed: broadcast over noise, size, weight.
-        def per_seed(k):
-            cell = jax.vmap(lambda w: init_one(w, k))(weights)  # [W, ...]
+        def per_seed(p):
+            cell = jax.vmap(lambda w: init_one(w, p))(weights)  # [W, ...]
             cell = jax.tree.map(
                 lambda a: jnp.broadcast_to(a, (len(problem.sizes),) + a.shape), cell
             )
             return jax.tree.map(lambda a: jnp.broadcast_to(a, (len(cfg.noise),) + a.shape), cell)
 
-        return jax.vmap(per_seed)(keys)
+        return jax.vmap(per_seed)(params)
 
-    init_all = jax.jit(init_all)
+    init_cells = jax.jit(init_cells)
+
+    def init_all(keys, body=None):
+        # One eager `mlp_init` per seed (the same draws as under vmap): compiling the random
+        # draws under jit and vmap costs seconds more than these few eager calls. With
+        # `body` (pretrained params per seed) the hidden layers are the pretrained ones.
+        params = [mlp_init(k, dims) for k in keys]
+        if body is not None:
+            params = [
+                [jax.tree.map(lambda a, s=s: a[s], layer) for layer in body[:-1]] + p[-1:]
+                for s, p in enumerate(params)
+            ]
+        return init_cells(jax.tree.map(lambda *a: jnp.stack(a), *params))
 
     f = jax.vmap(chunk_one, in_axes=(0, 0, None, None, None, None))  # weights
     f = jax.vmap(f, in_axes=(0, None, 0, None, None, None))  # sizes
@@ -304,7 +271,15 @@ def train_grid(problem: Problem, cfg: Config, seed: int, *, progress: bool):
             jnp.asarray(cfg.noise, jnp.float32)
         )
     )(noise_keys, y)  # [S, Z, P]; the same flips at every rate's threshold
-    carry = init_all(jax.vmap(lambda k: jax.random.fold_in(k, 0))(seed_keys))
+    init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(seed_keys)
+    body = None
+    if cfg.setting == "finetune":
+        from experiments import dotprod_sweep_finetune as ft
+
+        pre_keys = jax.vmap(lambda k: jax.random.fold_in(k, 10**6))(seed_keys)
+        body, pretrain_acc = ft.pretrain(problem, cfg, pre_keys, HIDDEN)
+        print(f"{problem.name}: pretraining accuracy per seed {np.round(pretrain_acc, 3)}")
+    carry = init_all(init_keys, body)
     dots, cosines = [], []
     chunks = cfg.steps // cfg.log_every
     desc = f"dotprod_sweep {problem.name}"
@@ -353,87 +328,6 @@ def summarize(problem: Problem, cfg: Config, metrics, dots, cosines) -> list[dic
     return rows
 
 
-def _plot(out_dir: pathlib.Path, cfg: Config, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    fig, axes = plt.subplots(
-        2 * len(names),
-        len(cfg.noise),
-        figsize=(4.2 * len(cfg.noise), 6.4 * len(names)),
-        squeeze=False,
-    )
-    base = cfg.weights.index(0.0)
-    for d, name in enumerate(names):
-        problem, metrics = results[name]["problem"], results[name]["metrics"]
-        acc = metrics["test_acc"]
-        xs = np.arange(len(problem.sizes))
-        for z, rate in enumerate(cfg.noise):
-            top, bottom = axes[2 * d, z], axes[2 * d + 1, z]
-            for w, weight in enumerate(cfg.weights):
-                a = acc[:, z, :, w]
-                diff = a - acc[:, z, :, base]
-                se = a.std(0, ddof=1) / np.sqrt(len(a))
-                color = f"C{w}"  # one color per weight in both rows
-                top.errorbar(
-                    xs, a.mean(0), se, marker="o", capsize=3, label=f"w={weight:g}", color=color
-                )
-                if w != base:
-                    dse = diff.std(0, ddof=1) / np.sqrt(len(diff))
-                    bottom.errorbar(xs, diff.mean(0), dse, marker="o", capsize=3,
-                                    label=f"w={weight:g}", color=color)  # fmt: skip
-            bottom.axhline(0, color="k", lw=0.8)
-            for ax in (top, bottom):
-                ax.set_xticks(xs, problem.size_labels)
-                ax.grid(alpha=0.3)
-            top.set_title(f"{name}, label noise {rate:.0%}")
-            top.set_ylabel("test accuracy")
-            bottom.set_ylabel("paired diff. vs w=0")
-            bottom.set_xlabel("training-set size")
-        axes[2 * d, 0].legend(fontsize=8)
-        axes[2 * d + 1, 0].legend(fontsize=8)
-    fig.suptitle(f"Meta DotProd: mean ± s.e. over {cfg.seeds} seeds, {cfg.steps} Adam steps")
-    fig.tight_layout()
-    fig.savefig(out_dir / "dotprod_sweep.png", dpi=100)
-    plt.close(fig)
-
-    # Figure 4: the dot product over training, w = 0 vs 0.1, smallest and largest set.
-    compare = [w for w in (0.0, 0.1) if w in cfg.weights]
-    fig, axes = plt.subplots(len(names), len(cfg.noise), figsize=(4.2 * len(cfg.noise),
-                             3.6 * len(names)), squeeze=False)  # fmt: skip
-    steps = np.arange(1, cfg.steps // cfg.log_every + 1) * cfg.log_every
-    for d, name in enumerate(names):
-        problem, dots = results[name]["problem"], results[name]["dots"]
-        for z, rate in enumerate(cfg.noise):
-            ax = axes[d, z]
-            for n in sorted({0, len(problem.sizes) - 1}):
-                for weight in compare:
-                    # Median and quartiles over seeds: a diverging seed's dot product is
-                    # orders of magnitude larger and would swamp a mean.
-                    v = dots[:, z, n, cfg.weights.index(weight)]
-                    lo, mid, hi = np.percentile(v, [25, 50, 75], axis=0)
-                    style = "-" if weight == 0 else "--"
-                    label = f"n={problem.size_labels[n]}, w={weight:g}"
-                    line = ax.plot(steps, mid, style, label=label)[0]
-                    ax.fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
-            ax.set_yscale("symlog", linthresh=1e-3)
-            ax.set_title(f"{name}, label noise {rate:.0%}")
-            ax.set_xlabel("Adam step")
-            ax.grid(alpha=0.3)
-        axes[d, 0].set_ylabel("⟨∇L(θ; b_t), ∇L(θ; b_t+1)⟩")
-        axes[d, 0].legend(fontsize=7)
-    fig.suptitle(
-        "Dot product between consecutive batch gradients (DotProd paper, Fig. 4): median and "
-        f"quartiles over {cfg.seeds} seeds"
-    )
-    fig.tight_layout()
-    fig.savefig(out_dir / "dotprod_sweep_grad_dot.png", dpi=100)
-    plt.close(fig)
-
-
 def run(
     out_dir: pathlib.Path,
     *,
@@ -447,6 +341,12 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = config.resolve(Config, BUDGETS, budget, args, NAME)
     makers = {"digits": digits_problem, "glyphs": glyph_problem}
+    stem = NAME
+    if cfg.setting == "finetune":
+        from experiments import dotprod_sweep_finetune as ft
+
+        makers = {"digits": ft.digits_problem, "glyphs": ft.glyph_problem}
+        stem = f"{NAME}_finetune"
     rows, results = [], {}
     for name in cfg.datasets:
         try:
@@ -458,9 +358,11 @@ def run(
         results[name] = {"problem": problem, "metrics": metrics, "dots": dots}
         rows.extend(summarize(problem, cfg, metrics, dots, cosines))
     if results:
-        _plot(out_dir, cfg, results)
+        from experiments import dotprod_sweep_plots
+
+        dotprod_sweep_plots.plot(out_dir, cfg, results, stem)
     writers.write_json(
-        out_dir / "dotprod_sweep.json",
+        out_dir / f"{stem}.json",
         {
             "config": dataclasses.asdict(cfg) | {"budget": budget, "seed": seed},
             "rows": rows,
@@ -469,10 +371,10 @@ def run(
             "log_every_steps": cfg.log_every,
         },
     )
-    writers.write_csv(out_dir / "dotprod_sweep.csv", rows)
+    writers.write_csv(out_dir / f"{stem}.csv", rows)
     # Every run's numbers, to re-plot or re-analyse without training again.
     np.savez_compressed(
-        out_dir / "dotprod_sweep_raw.npz",
+        out_dir / f"{stem}_raw.npz",
         **{f"{n}_{k}": v for n, r in results.items() for k, v in r["metrics"].items()},
         **{f"{n}_grad_dot": r["dots"] for n, r in results.items()},
     )

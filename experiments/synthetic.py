@@ -329,11 +329,6 @@ def _tail(x: np.ndarray) -> np.ndarray:
     return x[-max(1, len(x) // 10) :]
 
 
-def _smooth(x: np.ndarray, window: int) -> np.ndarray:
-    window = max(1, min(window, len(x)))
-    return np.convolve(x, np.ones(window) / window, mode="valid")
-
-
 def summarize(method, cfg, traj, cos, minima) -> list[dict]:
     rows = []
     for s, start in enumerate(cfg.starts):
@@ -358,190 +353,6 @@ def summarize(method, cfg, traj, cos, minima) -> list[dict]:
     return rows
 
 
-def _plot(out_dir: pathlib.Path, cfg: Config, results: dict, minima: np.ndarray) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lo, hi = -11.0, 22.0
-    xs = np.linspace(lo, hi, 265)
-    grid = np.stack(np.meshgrid(xs, xs), -1)
-    surface = np.asarray(jax.vmap(jax.vmap(mtl_loss))(jnp.asarray(grid, jnp.float32)))
-    colors = ("tab:red", "tab:cyan", "tab:orange")
-
-    methods = [m for m in cfg.methods if m in results]
-    fig, axes = plt.subplots(2, 4, figsize=(18, 9.4), layout="constrained")
-    axes = axes.ravel()
-    for ax, method in zip(axes, methods, strict=False):
-        cs = ax.contourf(xs, xs, surface, levels=30, cmap="viridis")
-        ax.contour(xs, xs, surface, levels=15, colors="k", linewidths=0.3, alpha=0.5)
-        ax.plot(OPTIMA[:, 0], OPTIMA[:, 1], "X", color="white", ms=10, mec="black", zorder=3)
-        for (x, y), label in zip(OPTIMA, ("x1", "x2", "x3"), strict=True):
-            ax.annotate(
-                label,
-                (x, y),
-                (-16, 7),
-                textcoords="offset points",
-                color="white",
-                fontsize=10,
-                fontweight="bold",
-            )
-        traj = results[method]["traj"]
-        for s, start in enumerate(cfg.starts):
-            t = traj[s]
-            label = f"start ({start[0]:g}, {start[1]:g})"
-            ax.plot(t[:, 0], t[:, 1], "-", color=colors[s], lw=1.8, label=label, zorder=4)
-            ax.plot(*t[0], "o", color=colors[s], ms=8, mec="black", zorder=5)
-            ax.plot(*t[-1], "*", color=colors[s], ms=17, mec="black", zorder=6)
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
-        ax.set_aspect("equal")
-        ax.set_title(LABELS[method], fontsize=13)
-        ax.set_xlabel("φ₁")
-        ax.set_ylabel("φ₂")
-    fig.colorbar(cs, ax=axes[: len(methods)].tolist(), shrink=0.5, label="MTL loss Σᵢ Lᵢ(φ)")
-    axes[0].legend(fontsize=8, loc="upper right", framealpha=0.85)
-
-    ax = axes[len(methods)]
-    table = np.array([[np.mean(_tail(c)) for c in results[m]["cos"]] for m in methods])
-    im = ax.imshow(table, cmap="coolwarm", vmin=-1, vmax=1, aspect="auto")
-    ax.set_yticks(range(len(methods)), [LABELS[m] for m in methods])
-    ax.set_xticks(range(len(cfg.starts)), [f"({a:g}, {b:g})" for a, b in cfg.starts])
-    ax.set_xlabel("start")
-    for i in range(table.shape[0]):
-        for j in range(table.shape[1]):
-            ax.text(j, i, f"{table[i, j]:.2f}", ha="center", va="center", fontsize=10)
-    ax.set_title("avg pairwise cosine of task gradients\nover the last 10% of updates", fontsize=12)
-    fig.colorbar(im, ax=ax, shrink=0.8, label="cosine")
-    for ax in axes[len(methods) + 1 :]:
-        ax.axis("off")
-    fig.suptitle(
-        f"Sequential Reptile Fig. 3 setup: {cfg.optimizer} lr {cfg.lr}, {cfg.steps} updates of φ, "
-        f"Reptile K={cfg.inner_steps}, η={cfg.outer}   (● start, ★ end, X task optima x_i)",
-        fontsize=13,
-    )
-    fig.savefig(out_dir / "synthetic.png", dpi=100)
-    plt.close(fig)
-
-    window = max(1, cfg.steps // 40)
-    fig, axes = plt.subplots(1, len(cfg.starts), figsize=(5.5 * len(cfg.starts), 4.3), sharey=True)
-    for s, (ax, start) in enumerate(zip(np.atleast_1d(axes), cfg.starts, strict=True)):
-        for method in methods:
-            smooth = _smooth(results[method]["cos"][s], window)
-            ax.plot(np.arange(len(smooth)) + window - 1, smooth, label=LABELS[method], lw=1.4)
-        ax.set_title(f"start ({start[0]:g}, {start[1]:g})")
-        ax.set_xlabel("update of φ")
-        ax.set_ylim(-1.05, 1.05)
-        ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel(
-        f"avg pairwise cosine of task gradients\n(running mean of {window})"
-    )
-    np.atleast_1d(axes)[0].legend(fontsize=8, loc="upper right", ncol=2)
-    fig.tight_layout()
-    fig.savefig(out_dir / "synthetic_cosine.png", dpi=100)
-    plt.close(fig)
-
-
-# The sensitivity grid for Reptile and Seq. Reptile: (optimizer, learning rate, K).
-SWEEP = (
-    ("adam", 0.1, 10),
-    ("adam", 0.1, 100),
-    ("sgd", 0.02, 10),
-    ("sgd", 0.02, 100),
-    ("sgd", 0.1, 10),
-    ("sgd", 0.1, 100),
-)
-
-
-# (method, Seq. Reptile's task order) of the sweep: Reptile, and Seq. Reptile with the paper's
-# i.i.d. task ids and with a fixed round-robin order.
-SWEEP_METHODS = (("reptile", "iid"), ("seq_reptile", "iid"), ("seq_reptile", "round_robin"))
-# The sweep settings drawn in synthetic_order.png: the main table's, and two at larger K·lr.
-ORDER_FIGURE = (("adam", 0.1, 10), ("adam", 0.1, 100), ("sgd", 0.1, 100))
-CENTROID = OPTIMA.mean(0)
-
-
-def _sweep_label(method: str, order: str) -> str:
-    if method == "reptile":
-        return LABELS[method]
-    return f"{LABELS[method]} ({'i.i.d.' if order == 'iid' else 'round-robin'})"
-
-
-def sweep(cfg: Config, seed: int, minima: np.ndarray, progress: bool):
-    """Reptile and Seq. Reptile (both task orders) over `SWEEP`: rows and trajectories."""
-    from tqdm.auto import tqdm
-
-    rows, trajectories = [], {}
-    grid = [(g, m) for g in SWEEP for m in SWEEP_METHODS]
-    for (optimizer, lr, k), (method, order) in tqdm(
-        grid, desc="synthetic sweep", disable=not progress
-    ):
-        sub = dataclasses.replace(cfg, optimizer=optimizer, lr=lr, inner_steps=k, seq_order=order)
-        traj, cos = run_method(method, sub, seed)
-        trajectories[(optimizer, lr, k, method, order)] = traj
-        for row in summarize(method, sub, traj, cos, minima):
-            end = np.array([row["final_x"], row["final_y"]])
-            rows.append(
-                {
-                    **row,
-                    "method": _sweep_label(method, order),
-                    "optimizer": optimizer,
-                    "lr": lr,
-                    "inner_steps": k,
-                    "k_lr": k * lr,
-                    "order": order if method == "seq_reptile" else "",
-                    "dist_centroid": float(np.linalg.norm(end - CENTROID)),
-                }
-            )
-    return rows, trajectories
-
-
-def _plot_order(out_dir: pathlib.Path, cfg: Config, trajectories: dict) -> None:
-    """synthetic_order.png: Reptile and Seq. Reptile (i.i.d. vs round-robin) at three K·lr."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = np.linspace(-11.0, 22.0, 166)
-    grid = np.stack(np.meshgrid(xs, xs), -1)
-    surface = np.asarray(jax.vmap(jax.vmap(mtl_loss))(jnp.asarray(grid, jnp.float32)))
-    colors = ("tab:red", "tab:cyan", "tab:orange")
-    fig, axes = plt.subplots(
-        len(SWEEP_METHODS), len(ORDER_FIGURE), figsize=(5 * len(ORDER_FIGURE), 13),
-        layout="constrained", squeeze=False,
-    )  # fmt: skip
-    for c, (optimizer, lr, k) in enumerate(ORDER_FIGURE):
-        for r, (method, order) in enumerate(SWEEP_METHODS):
-            ax = axes[r, c]
-            ax.contourf(xs, xs, surface, levels=30, cmap="viridis")
-            ax.plot(OPTIMA[:, 0], OPTIMA[:, 1], "X", color="white", ms=9, mec="black", zorder=3)
-            ax.plot(*CENTROID, "P", color="magenta", ms=10, mec="black", zorder=3)
-            traj = trajectories.get((optimizer, lr, k, method, order))
-            if traj is None:
-                ax.axis("off")
-                continue
-            for s, start in enumerate(cfg.starts):
-                t = traj[s]
-                ax.plot(t[:, 0], t[:, 1], "-", color=colors[s], lw=1.5,
-                        label=f"start ({start[0]:g}, {start[1]:g})", zorder=4)  # fmt: skip
-                ax.plot(*t[-1], "*", color=colors[s], ms=14, mec="black", zorder=5)
-            ax.set_title(
-                f"{_sweep_label(method, order)}\n{optimizer} lr {lr}, K={k} (K·lr={k * lr:g})"
-            )
-            ax.set_xlim(xs[0], xs[-1])
-            ax.set_ylim(xs[0], xs[-1])
-    axes[0, 0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(
-        f"Reptile vs Sequential Reptile with i.i.d. (the paper's Algorithm 1) and round-robin "
-        f"task ids, {cfg.steps} outer steps (X task optima, + centroid, * end)",
-        fontsize=12,
-    )
-    fig.savefig(out_dir / "synthetic_order.png", dpi=90)
-    plt.close(fig)
-
-
 def run(
     out_dir: pathlib.Path,
     *,
@@ -552,6 +363,8 @@ def run(
 ) -> list[dict]:
     """Runs every method from every start; writes synthetic.{png,json,csv}, synthetic_cosine.png."""
     from tqdm.auto import tqdm
+
+    from experiments import synthetic_plots, synthetic_sweep
 
     out_dir = pathlib.Path(out_dir)
     cfg = config.resolve(Config, BUDGETS, budget, args, NAME)
@@ -566,12 +379,12 @@ def run(
         results[method] = {"traj": traj, "cos": cos}
         rows.extend(summarize(method, cfg, traj, cos, minima))
     if results:
-        _plot(out_dir, cfg, results, minima)
+        synthetic_plots.plot(out_dir, cfg, results, minima)
     sweep_rows = []
     if cfg.sweep:
-        sweep_rows, sweep_trajectories = sweep(cfg, seed, minima, progress)
+        sweep_rows, sweep_trajectories = synthetic_sweep.sweep(cfg, seed, minima, progress)
         writers.write_csv(out_dir / "synthetic_sweep.csv", sweep_rows)
-        _plot_order(out_dir, cfg, sweep_trajectories)
+        synthetic_sweep.plot_order(out_dir, cfg, sweep_trajectories)
         print(writers.format_table(sweep_rows))
     summary = {
         "config": dataclasses.asdict(cfg) | {"budget": budget, "seed": seed},
