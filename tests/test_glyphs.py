@@ -133,7 +133,8 @@ def test_sampler_episodes_from_glyphs(small):
 
 
 def test_fewshot_section_runs_on_glyphs_by_default(tmp_path):
-    """The default dataset of `python -m experiments`: glyph episodes through Conv-4."""
+    """The default dataset of `python -m experiments`: glyph episodes through Conv-4 (ANIL),
+    and the same command again with the same --out resumes from the checkpoint."""
     import json
 
     from experiments import cli
@@ -141,15 +142,21 @@ def test_fewshot_section_runs_on_glyphs_by_default(tmp_path):
     out = tmp_path / "out"
     argv = ["--only", "fewshot", "--budget", "tiny", "--no-progress", "--out", str(out)]
     argv += ["--fewshot-glyphs-cache", str(tmp_path / "cache")]
-    argv += ["--fewshot-glyphs-classes-per-alphabet", "2", "--fewshot-methods", "fomaml"]
+    argv += ["--fewshot-glyphs-classes-per-alphabet", "2", "--fewshot-methods", "anil"]
     argv += ["--fewshot-shots", "1"]  # one compiled meta-step and evaluator
     assert cli.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
-    assert [(r["method"], r["shots"], r["dataset"]) for r in rows] == [("fomaml", 1, "glyphs")]
+    assert [(r["method"], r["shots"], r["dataset"]) for r in rows] == [("anil", 1, "glyphs")]
     for row in rows:
         assert 0.0 <= row["test_acc"] <= 1.0 and row["episodes"] >= 2
-    assert rows[0]["paper_omniglot"] == 98.3
+    assert np.isnan(rows[0]["paper_omniglot"])
     table = (out / "fewshot" / "fewshot_table.md").read_text()
-    assert "| fomaml | 1 |" in table and "98.3" in table and "not comparable" in table
+    assert "| anil | 1 |" in table and "98.7" not in table and "not comparable" in table
     assert (out / "fewshot" / "fewshot_training.png").stat().st_size > 1000
+    curves = json.loads((out / "fewshot" / "fewshot_progress.json").read_text())["curves"]
+    # Resumed: nothing left to train, the same initialization evaluated on the same episodes.
+    assert cli.main(argv) == 0
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert again[0]["test_acc"] == rows[0]["test_acc"] and again[0]["train_compiles"] == 0
+    assert json.loads((out / "fewshot" / "fewshot_progress.json").read_text())["curves"] == curves
