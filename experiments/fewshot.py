@@ -255,13 +255,20 @@ def sgd_rates(method: str, state, inner_lr: float):
     return rates
 
 
-@functools.partial(jax.jit, static_argnames="steps")
-def _sgd_accuracy(params, rates, support, query, steps):
-    # `steps` SGD steps written out (XLA:CPU runs convolutions slower inside a loop body).
+def sgd_adapt(params, rates, support, steps: int):
+    """`steps` SGD steps on `support` with a learning rate per parameter (`sgd_rates`).
+
+    Written out (no loop: XLA:CPU runs convolutions slower inside a loop body).
+    """
     for _ in range(steps):
         grads = jax.grad(loss_fn)(params, support)
         params = jax.tree.map(lambda p, r, g: p - r * g, params, rates, grads)
-    return accuracy(params, query)
+    return params
+
+
+@functools.partial(jax.jit, static_argnames="steps")
+def _sgd_accuracy(params, rates, support, query, steps):
+    return accuracy(sgd_adapt(params, rates, support, steps), query)
 
 
 def make_evaluator(method: str, learner, eval_steps: int, inner_lr: float):
