@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import pathlib
 import pickle
+import threading
 from collections.abc import Sequence
 
 import jax
@@ -379,25 +380,30 @@ def meta_train(
 
 
 class CompileClock:
-    """Counts XLA compilations and their seconds (a `jax.monitoring` listener, registered once)."""
+    """Counts the XLA compilations of the calling thread and their seconds (a `jax.monitoring`
+    listener, registered once; JAX reports a compilation in the thread that asked for it)."""
 
-    count, seconds = 0, 0.0
+    _local = threading.local()
     _registered = False
+
+    @classmethod
+    def _get(cls):
+        return getattr(cls._local, "count", 0), getattr(cls._local, "seconds", 0.0)
 
     @classmethod
     def start(cls):
         if not cls._registered:
             jax.monitoring.register_event_duration_secs_listener(cls._listen)
             cls._registered = True
-        return cls.count, cls.seconds
+        return cls._get()
 
     @classmethod
     def _listen(cls, event, duration, **kwargs):
-        if event == "/jax/compilation_cache/compile_time_saved_sec":
-            return
         if event.endswith("backend_compile_duration"):
-            cls.count, cls.seconds = cls.count + 1, cls.seconds + duration
+            count, seconds = cls._get()
+            cls._local.count, cls._local.seconds = count + 1, seconds + duration
 
     @classmethod
     def since(cls, mark):
-        return cls.count - mark[0], cls.seconds - mark[1]
+        count, seconds = cls._get()
+        return count - mark[0], seconds - mark[1]
