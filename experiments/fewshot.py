@@ -335,7 +335,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--fewshot-methods", nargs="+", choices=METHODS, default=None, help="default: all"
     )
-    config.add_options(parser, Config, BUDGETS, NAME)
+    # Defaults shown for the default dataset (glyphs); tfds datasets use BUDGETS.
+    config.add_options(parser, Config, GLYPH_BUDGETS, NAME)
 
 
 def settings(dataset: str, budget: str, args=None) -> dict:
