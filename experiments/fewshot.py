@@ -358,8 +358,10 @@ def _plot(out_dir, curves, losses, title):
     for label, points in curves.items():
         xs, ys = zip(*points, strict=True) if points else ((), ())
         ax0.plot(xs, 100 * np.array(ys), marker="o", label=label)
-    for label, values in losses.items():
-        values = np.asarray(values)
+    for label in curves:  # the same order (and colours) as the curves
+        if label not in losses:
+            continue
+        values = np.asarray(losses[label])
         width = max(1, len(values) // 20)
         smooth = np.convolve(values, np.ones(width) / width, mode="valid")
         ax1.plot(np.arange(len(smooth)) + width, smooth, label=label)
