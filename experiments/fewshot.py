@@ -61,7 +61,13 @@ episodes, or ``lax.map``) measured slower on XLA:CPU: per-episode weights make g
 convolutions (5x slower per 5-shot episode than one call per episode) and a convolution in
 a loop body runs 3x slower (``lax.map``). Scanning several meta-steps per call would put
 the meta-step's convolutions in a loop body too (not measured); the host sync per step
-(reading the loss) is small beside a step.
+(reading the loss) is small beside a step. Methods run two at a time (threads,
+``--fewshot-workers``): compiling uses one core.
+
+Measured (quick budget, seed 0, 600 episodes, % ± 95% CI, 1-shot / 5-shot): MAML 41.4 ± 1.0 /
+54.0 ± 1.0, FOMAML 37.7 ± 0.9 / 43.8 ± 1.0, Reptile 22.7 ± 0.8 / 25.7 ± 0.8, Meta-SGD
+42.1 ± 1.0 / 54.1 ± 1.0, MAML+grad_share 41.7 ± 0.9 / 54.0 ± 1.0, ANIL 26.9 ± 0.8 / 26.9 ± 0.8
+(100 outer steps, 8 channels: far from converged). 363 s of CPU with a cold glyph cache.
 
 Resumable: each meta-training saves a checkpoint (``<out>/fewshot/checkpoints``) every
 ``save_every`` steps, and ``fewshot_progress.json`` holds the learning curves so far; the
