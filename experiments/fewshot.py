@@ -484,7 +484,8 @@ def run(
                 checkpoint=out_dir / "checkpoints" / f"{label.replace(' ', '_')}.pkl",
                 save_every=cfg["save_every"],
                 keep={"curve": curve},
-                tag=repr(sorted(cfg.items())),
+                # Settings that change the numbers (not how many threads run them).
+                tag=repr(sorted((k, v) for k, v in cfg.items() if k != "workers")),
                 prepare=_reptile_tasks if method == "reptile" else None,
             )
             losses_by[label] = losses
