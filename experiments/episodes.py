@@ -1,16 +1,52 @@
-"""Few-shot episodes: the N-way K-shot sampler shared by every dataset, and tfds loading.
+"""Few-shot episodes: the datasets, the N-way K-shot sampler, tfds loading, and the loops.
 
-Split out of `experiments.fewshot` (which re-exports these names).
+The loops: `meta_train` (one jitted meta-step per sampled meta-batch, resumable from a
+checkpoint) and `evaluate_episodes` (one jitted evaluation per held-out episode). Split out
+of `experiments.fewshot` (which re-exports these names and describes the datasets).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
+import pickle
+import threading
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    tfds_name: str
+    train_splits: tuple[str, ...]
+    test_splits: tuple[str, ...]
+    image_size: int
+    grayscale: bool
+    # Label ranges [lo, hi) for meta-train and meta-test when the splits are not
+    # class-disjoint (CUB); None keeps every class of the splits.
+    train_classes: tuple[int, int] | None = None
+    test_classes: tuple[int, int] | None = None
+
+
+DATASETS = {
+    # Rendered locally (experiments.glyphs), not from tfds; the splits are its alphabet splits.
+    "glyphs": DatasetSpec("glyphs", ("background",), ("evaluation",), 28, True),
+    "omniglot": DatasetSpec("omniglot", ("train",), ("test",), 28, True),
+    "cub": DatasetSpec(
+        "caltech_birds2011", ("train", "test"), ("train", "test"), 84, False, (0, 100), (150, 200)
+    ),
+    "mini_imagenet": DatasetSpec("mini_imagenet", ("train",), ("test",), 84, False),
+}
+
+
+def opt(args, name, default=None):
+    """``args.<name>`` when given (not None), else `default`."""
+    value = getattr(args, name, None) if args is not None else None
+    return default if value is None else value
 
 
 class EpisodeSampler:
@@ -163,3 +199,211 @@ def cached_index(sources, spec, splits: Sequence[str], cache_dir=None):
             np.save(path, labels)
         out.append(labels)
     return out
+
+
+def glyph_sources(seed: int = 0, cache_dir=None, classes_per_alphabet: int | None = None):
+    """``{split: GlyphSource}`` of the rendered glyph set (`experiments.glyphs.load`, cached)."""
+    from experiments import glyphs
+
+    data = glyphs.load(seed, classes_per_alphabet=classes_per_alphabet, cache_dir=cache_dir)
+    return {split: data.source(split) for split in ("background", "evaluation")}
+
+
+def make_samplers(
+    dataset: str,
+    *,
+    ways: int,
+    shots: Sequence[int],
+    queries: int,
+    eval_queries: int | None = None,
+    args=None,
+):
+    """``(train sampler per shot, test sampler per shot)`` for `dataset`, one code path.
+
+    Test episodes have `eval_queries` queries per class (default: `queries`).
+
+    Glyphs come from `glyph_sources` (seeded by ``--fewshot-glyphs-seed``, cached in
+    ``--fewshot-glyphs-cache``); the tfds datasets from `load_sources`. Both go through the
+    same `EpisodeSampler`.
+    """
+    spec = DATASETS[dataset]
+    if dataset == "glyphs":
+        small = opt(args, "fewshot_glyphs_classes_per_alphabet")
+        found = glyph_sources(
+            opt(args, "fewshot_glyphs_seed", 0), opt(args, "fewshot_glyphs_cache"), small
+        )
+        train_src, test_src = [found["background"]], [found["evaluation"]]
+        train_index, test_index = [train_src[0].labels], [test_src[0].labels]
+    else:
+        if opt(args, "fewshot_tfds_name"):
+            spec = dataclasses.replace(spec, tfds_name=args.fewshot_tfds_name)
+        data_dir, index_cache = opt(args, "fewshot_data_dir"), opt(args, "fewshot_index_cache")
+        try:
+            train_src = load_sources(spec, spec.train_splits, data_dir)
+            test_src = load_sources(spec, spec.test_splits, data_dir)
+        except Exception as e:
+            raise RuntimeError(
+                f"dataset {spec.tfds_name!r} is not available locally ({type(e).__name__}: {e}). "
+                "Prepare it in array_record format (e.g. `tfds build "
+                f"{spec.tfds_name} --file_format=array_record`) and pass --fewshot-data-dir, "
+                "or use --fewshot-dataset glyphs (rendered locally)."
+            ) from e
+        train_index = cached_index(train_src, spec, spec.train_splits, index_cache)
+        test_index = cached_index(test_src, spec, spec.test_splits, index_cache)
+
+    def samplers(sources, index, classes, q):
+        return {
+            k: EpisodeSampler(
+                sources,
+                ways=ways,
+                shots=k,
+                queries=q,
+                classes=classes,
+                index=index,
+                image_size=spec.image_size,
+                grayscale=spec.grayscale,
+            )
+            for k in shots
+        }
+
+    train = samplers(train_src, train_index, spec.train_classes, queries)
+    test = samplers(test_src, test_index, spec.test_classes, eval_queries or queries)
+    return train, test
+
+
+class held_out_episodes:  # noqa: N801 - used like a function returning a sequence
+    """``count`` fixed episodes (the same for every method of a run), drawn lazily.
+
+    Every iteration draws the same episodes again from the seed, so large images (CUB) are
+    never all held in memory; ``head(n)`` is the first n of them.
+    """
+
+    def __init__(self, sampler: EpisodeSampler, count: int, seed: int):
+        self.sampler, self.count, self.seed = sampler, count, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, 2, self.sampler.shots])
+        for _ in range(self.count):
+            yield self.sampler.episode(rng)
+
+    def head(self, n: int) -> held_out_episodes:
+        return held_out_episodes(self.sampler, min(n, self.count), self.seed)
+
+
+# -- loops ---------------------------------------------------------------------------------
+
+
+def evaluate_episodes(evaluate, state, episodes) -> np.ndarray:
+    """Accuracy per episode; dispatched asynchronously, read back once."""
+    return np.asarray(jax.device_get([evaluate(state, s, q) for s, q in episodes]), float)
+
+
+def ci95(accs: np.ndarray) -> float:
+    return float(1.96 * accs.std(ddof=1) / np.sqrt(len(accs))) if len(accs) > 1 else float("nan")
+
+
+def curve_recorder(evaluate, episodes, every: int, total: int, curve: list):
+    """``on_step`` for `meta_train`: appends ``(iteration, mean accuracy)`` to `curve`."""
+
+    def on_step(it, state):
+        if it % every == 0 or it == total:
+            curve.append((it, float(evaluate_episodes(evaluate, state, episodes).mean())))
+
+    return on_step
+
+
+def meta_train(
+    learner,
+    params0,
+    sampler,
+    *,
+    iterations,
+    meta_batch,
+    seed,
+    progress,
+    on_step=None,
+    desc=None,
+    checkpoint=None,
+    save_every=100,
+    keep=None,
+    tag=None,
+    prepare=None,
+):
+    """Meta-trains from `params0`; returns ``(state, losses)``.
+
+    ``on_step(iteration, state)`` is called after each outer step (e.g. to evaluate). With
+    a `checkpoint` path, the state, losses, sampler position and the lists in `keep` (e.g.
+    a learning curve) are saved there every `save_every` steps and at the end, and a run
+    finding that file (made with the same `tag`, e.g. the settings) starts where it stopped.
+    ``prepare(tasks)`` maps each sampled meta-batch before the step (e.g. Reptile's pooling).
+    """
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng([seed, 1])
+    state, losses, start, keep = learner.init(params0), [], 0, keep or {}
+    path = pathlib.Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():
+        saved = pickle.loads(path.read_bytes())
+        if saved["tag"] != tag:
+            raise ValueError(f"checkpoint {path} was made with other settings: use another --out")
+        state = jax.tree.map(jnp.asarray, saved["state"])
+        losses, start = saved["losses"], saved["iteration"]
+        rng.bit_generator.state = saved["rng"]
+        for name, values in keep.items():
+            values[:] = saved["keep"][name]
+
+    def save(it):
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = dict(iteration=it, state=jax.device_get(state), losses=losses, tag=tag)
+        blob |= dict(rng=rng.bit_generator.state, keep={k: list(v) for k, v in keep.items()})
+        path.with_suffix(".tmp").write_bytes(pickle.dumps(blob))
+        path.with_suffix(".tmp").replace(path)
+
+    step = jax.jit(learner.step)
+    bar = tqdm(range(start, iterations), desc=desc, disable=not progress, leave=False)
+    for it in bar:
+        tasks = sampler.meta_batch(rng, meta_batch)
+        if prepare is not None:
+            tasks = prepare(tasks)
+        state, metrics = step(state, tasks)
+        losses.append(float(metrics["loss"]))
+        if on_step is not None:
+            on_step(it + 1, state)
+        if (it + 1) % save_every == 0 or it + 1 == iterations:
+            save(it + 1)
+    return state, losses
+
+
+class CompileClock:
+    """Counts the XLA compilations of the calling thread and their seconds (a `jax.monitoring`
+    listener, registered once; JAX reports a compilation in the thread that asked for it)."""
+
+    _local = threading.local()
+    _registered = False
+
+    @classmethod
+    def _get(cls):
+        return getattr(cls._local, "count", 0), getattr(cls._local, "seconds", 0.0)
+
+    @classmethod
+    def start(cls):
+        if not cls._registered:
+            jax.monitoring.register_event_duration_secs_listener(cls._listen)
+            cls._registered = True
+        return cls._get()
+
+    @classmethod
+    def _listen(cls, event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            count, seconds = cls._get()
+            cls._local.count, cls._local.seconds = count + 1, seconds + duration
+
+    @classmethod
+    def since(cls, mark):
+        count, seconds = cls._get()
+        return count - mark[0], seconds - mark[1]

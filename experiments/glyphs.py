@@ -158,10 +158,11 @@ def _render(font, char: str) -> np.ndarray:
     cy, cx = (rows[0] + rows[-1] + 1) // 2, (cols[0] + cols[-1] + 1) // 2
     extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 5
     side = max(_RENDER, extent + extent % 2)
-    padded = np.pad(a, side)
-    window = padded[cy + side - side // 2 : cy + side + side // 2, cx + side - side // 2 :][
-        :, :side
-    ]
+    # The side x side window centred on the ink, zeros outside the canvas.
+    window = np.zeros((side, side), a.dtype)
+    y0, x0 = cy - side // 2, cx - side // 2
+    ys, xs = slice(max(y0, 0), min(y0 + side, _CANVAS)), slice(max(x0, 0), min(x0 + side, _CANVAS))
+    window[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = a[ys, xs]
     if side != _RENDER:
         window = np.asarray(Image.fromarray(window).resize((_RENDER, _RENDER), Image.BOX))
     return window.astype(np.float32) / 255.0
@@ -177,11 +178,15 @@ def _filter3(x: np.ndarray, op) -> np.ndarray:
 
 def _stroke(x: np.ndarray, width: np.ndarray) -> np.ndarray:
     """Per-image stroke change: -1 thinner (half an erosion), 0, +1 / +2 dilations."""
-    thin = 0.5 * (x + _filter3(x, np.minimum))
-    dil1 = _filter3(x, np.maximum)
-    dil2 = _filter3(dil1, np.maximum)
-    w = width[:, None, None]
-    return np.where(w < 0, thin, np.where(w == 0, x, np.where(w == 1, dil1, dil2)))
+    out = x.copy()
+    thin = width < 0
+    out[thin] = 0.5 * (x[thin] + _filter3(x[thin], np.minimum))
+    grow = width > 0
+    dil = _filter3(x[grow], np.maximum)
+    twice = width[grow] == 2
+    dil[twice] = _filter3(dil[twice], np.maximum)
+    out[grow] = dil
+    return out
 
 
 def _affine(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -212,13 +217,13 @@ def _warp(windows: np.ndarray, maps: np.ndarray) -> np.ndarray:
     src = lin_inv @ d
     sx = (src[:, 0] + 1.0) * p / 2.0 - 0.5 + 1.0  # +1: the zero border below
     sy = (src[:, 1] + 1.0) * p / 2.0 - 0.5 + 1.0
-    padded = np.pad(windows, ((0, 0), (1, 1), (1, 1))).reshape(n, -1)
+    padded = np.pad(windows, ((0, 0), (1, 1), (1, 1))).reshape(-1)
     q = p + 2
     sx, sy = np.clip(sx, 0.0, q - 1.001), np.clip(sy, 0.0, q - 1.001)
     x0, y0 = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
     fx, fy = (sx - x0).astype(np.float32), (sy - y0).astype(np.float32)
-    base = y0 * q + x0
-    take = lambda off: np.take_along_axis(padded, base + off, 1)  # noqa: E731
+    base = y0 * q + x0 + (np.arange(n) * q * q)[:, None]  # flat indices into `padded`
+    take = lambda off: padded[base + off]  # noqa: E731
     out = (take(0) * (1 - fx) + take(1) * fx) * (1 - fy) + (
         take(q) * (1 - fx) + take(q + 1) * fx
     ) * fy
@@ -296,7 +301,7 @@ def build(
     *,
     instances: int = 20,
     classes_per_alphabet: int | None = None,
-    chunk: int = 2048,
+    chunk: int = 256,
 ) -> Glyphs:
     """Renders the set (no cache; see `load`).
 
@@ -305,7 +310,8 @@ def build(
       instances: images per class (>= 1).
       classes_per_alphabet: keep only the first N characters (code point order) of each
         alphabet, for a small set (tests); None keeps all.
-      chunk: images distorted per vectorized batch (memory vs speed only).
+      chunk: images distorted per vectorized batch (speed only: 256 keeps the arrays in
+        cache, 5x faster than 2048 on our CPU).
     """
     from PIL import ImageFont
 

@@ -4,7 +4,7 @@ Chang & Lipson (arXiv 2312.08398) evaluate gradient sharing on few-shot image cl
 with Conv-4 (the paper's model family) and claim (a) faster meta-training (up to 134%) and
 (b) that MAML keeps working with a 10x larger inner learning rate. We test both on the glyph
 set of `experiments.glyphs` (5-way 1-shot, evaluation alphabets held out), MAML vs
-MAML+grad_share (`mg.grad_share` as MAML's inner rule, its momentum and gate learned by the
+MAML+grad_share (`metagrad.grad_share` as MAML's inner rule, its momentum and gate learned by the
 outer Adam 1e-3 with the initialization), second order, inner SGD at 1x = 0.1 (the
 grad_share paper's inner rate) and 10x = 1.0.
 
@@ -37,9 +37,7 @@ import pathlib
 
 import jax
 import numpy as np
-import optax
 
-import metagrad as mg
 from experiments import config, fewshot, writers
 from experiments.config import option
 from experiments.models import conv4_init
@@ -50,7 +48,7 @@ DESCRIPTION = (
     "MAML's final accuracy and accuracy at a 10x inner learning rate, over seeds"
 )
 METHODS = ("maml", "maml+grad_share")
-BASE_LR, OUTER_LR, WAYS, SHOTS = 0.1, 1e-3, 5, 1
+BASE_LR, WAYS, SHOTS = 0.1, 5, 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +98,6 @@ def _mean_se(values) -> tuple[float, float]:
     return float(ok.mean()), float(ok.std(ddof=1) / np.sqrt(len(ok))) if len(ok) > 1 else 0.0
 
 
-def make_learner(method: str, lr: float, inner_steps: int):
-    """MAML with inner SGD, or with `mg.grad_share` as its inner rule (public API only)."""
-    inner = mg.grad_share(lr) if method == "maml+grad_share" else optax.sgd(lr)
-    return mg.maml(fewshot.loss_fn, inner, inner_steps, optax.adam(OUTER_LR))
-
-
 def run(
     out_dir: pathlib.Path,
     *,
@@ -124,21 +116,14 @@ def run(
     for factor in cfg.lr_factors:
         for method in METHODS:
             # One learner (one compiled step and evaluator) per setting, reused across seeds.
-            learner = make_learner(method, BASE_LR * factor, cfg.inner_steps)
-            evaluate = fewshot.make_evaluator(learner, cfg.eval_steps)
+            lr = BASE_LR * factor
+            learner = fewshot.make_learner(method, inner_lr=lr, inner_steps=cfg.inner_steps)
+            evaluate = fewshot.make_evaluator(method, learner, cfg.eval_steps, lr)
             for s in range(cfg.seeds):
                 run_seed = seed * 1000 + s
                 params0 = conv4_init(jax.random.key(run_seed), 1, WAYS, 28, cfg.hidden)
                 points = curves[(method, factor, s)] = []
-
-                def on_step(it, state, points=points, evaluate=evaluate):
-                    if it % cfg.eval_every == 0 or it == cfg.steps:
-                        if not points or points[-1][0] != it:
-                            acc = fewshot.evaluate_episodes(evaluate, state, episodes).mean()
-                            points.append((it, float(acc)))
-
                 fewshot.meta_train(
-                    method,
                     learner,
                     params0,
                     train[SHOTS],
@@ -146,7 +131,9 @@ def run(
                     meta_batch=cfg.meta_batch,
                     seed=run_seed,
                     progress=progress,
-                    on_step=on_step,
+                    on_step=fewshot.curve_recorder(
+                        evaluate, episodes, cfg.eval_every, cfg.steps, points
+                    ),
                     desc=f"{method} {factor:g}x seed {s}",
                 )
     rows = []

@@ -27,10 +27,8 @@ REGISTRY: dict[str, tuple[str, bool]] = {
     "grad_share": ("experiments.grad_share_sinusoid", True),
     "mtl": ("experiments.mtl", True),
     # Conv-4 on the rendered glyph set by default (no download); Omniglot / CUB /
-    # Mini-ImageNet with --fewshot-dataset when prepared for tensorflow_datasets. Not in the
-    # default suite yet: its quick budget takes about 9 minutes on 2 CPU cores (evaluating
-    # 600 episodes per method and shot), over the suite's 5.
-    "fewshot": ("experiments.fewshot", False),
+    # Mini-ImageNet with --fewshot-dataset when prepared for tensorflow_datasets.
+    "fewshot": ("experiments.fewshot", True),
     # Gradient sharing's claims on Conv-4 glyph episodes: several minutes, optional.
     "grad_share_glyphs": ("experiments.grad_share_glyphs", False),
     # Meta DotProd over weight x training-set size x label noise (digits, glyphs): optional.

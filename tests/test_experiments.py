@@ -68,7 +68,7 @@ def test_list(capsys):
     assert cli.main(["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(REGISTRY)
-    assert "optional" in next(line for line in lines if line.startswith("fewshot"))
+    assert "default" in next(line for line in lines if line.startswith("fewshot"))
 
 
 def test_unknown_experiment_is_an_error(tmp_path):
@@ -195,9 +195,8 @@ def test_default_suite_is_what_the_readme_promises():
     assert DEFAULT_SUITE[:3] == ["synthetic", "sinusoid", "digits"]
     # The multi-task aggregators' experiments run on embedded data.
     assert "mtl" in DEFAULT_SUITE
-    # Few-shot classification on the rendered glyph set needs no download, but its quick
-    # budget does not fit the default suite's time yet: optional.
-    assert "fewshot" not in DEFAULT_SUITE
+    # Few-shot classification on the rendered glyph set needs no download: in the suite.
+    assert "fewshot" in DEFAULT_SUITE
 
 
 # -- command-line validation (parse and validate only: no experiment runs) -------------------

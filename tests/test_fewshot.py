@@ -8,8 +8,6 @@ encode their label (mock labels and images are random, so they cannot show that)
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +15,7 @@ import optax
 import pytest
 
 import metagrad as mg
-from experiments import cli, fewshot
+from experiments import fewshot
 from experiments.models import conv4_apply, conv4_init
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -110,8 +108,8 @@ def test_conv4_shapes(size, channels):
     np.testing.assert_allclose(out["first_no_bn"], out["all_no_bn"][:3], rtol=1e-5, atol=1e-6)
 
 
-def test_mock_data_source_episode_through_a_maml_step():
-    """tfds.data_source (mocked) -> episode sampler -> one jitted MAML step on Conv-4."""
+def test_mock_data_source_episodes():
+    """tfds.data_source (mocked) -> the episode sampler, record by record."""
     spec = fewshot.DATASETS["omniglot"]
     with tfds.testing.mock_data(num_examples=200):
         sources = fewshot.load_sources(spec, spec.train_splits, None)
@@ -123,33 +121,60 @@ def test_mock_data_source_episode_through_a_maml_step():
     (sx, sy), (qx, qy) = tasks
     assert sx.shape == (2, 3, 28, 28, 1) and qx.shape == (2, 3, 28, 28, 1)
     assert 0.0 <= sx.min() and sx.max() <= 1.0
-    learner = mg.maml(fewshot.loss_fn, optax.sgd(0.4), 1, optax.adam(1e-3))
-    params = conv4_init(jax.random.key(0), 1, 3, 28, hidden=4)
-    state = learner.init(params)
-    new_state, metrics = jax.jit(learner.step)(state, tasks)
-    assert np.isfinite(float(metrics["loss"]))
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new_state.params)
-    assert all(jax.tree.leaves(changed))
 
 
-def test_fewshot_experiment_tiny_on_mock_data(tmp_path):
-    out = tmp_path / "out"
-    argv = ["--only", "fewshot", "--budget", "tiny", "--no-progress", "--out", str(out)]
-    with tfds.testing.mock_data(num_examples=200):
-        # Reptile here (first order, quick to compile); MAML has its own test above.
-        code = cli.main(
-            [*argv, "--fewshot-methods", "reptile", "--fewshot-ways", "3"]
-            + ["--fewshot-dataset", "omniglot", "--fewshot-shots", "1"]
-        )
-    results = json.loads((out / "results.json").read_text())
-    assert results["status"]["fewshot"]["status"] == "ok", results["status"]
-    assert code == 0
-    rows = results["rows"]
-    assert [r["method"] for r in rows] == ["reptile"]
-    for row in rows:
-        assert 0.0 <= row["test_acc"] <= 1.0 and np.isfinite(row["final_train_loss"])
-    assert (out / "fewshot" / "fewshot_training.png").exists()
-    assert (out / "fewshot" / "fewshot.csv").exists()
+def test_shared_sgd_evaluator_adapts_as_the_learners_do():
+    """MAML/FOMAML/Meta-SGD/ANIL share one compiled evaluator: SGD with a rate per
+    parameter. It must adapt as each learner's own `adapt` does (Meta-SGD with random
+    learned rates; ANIL adapting the head only)."""
+    rng = np.random.default_rng(0)
+    params = conv4_init(jax.random.key(0), 1, 3, 8, hidden=2)
+    support = (rng.uniform(size=(3, 8, 8, 1)).astype(np.float32), np.arange(3, dtype=np.int32))
+    adapt = jax.jit(fewshot.sgd_adapt, static_argnums=3)
+    for method in ("meta_sgd", "anil"):
+        learner = fewshot.make_learner(method, inner_lr=0.4, inner_steps=1)
+        state = learner.init(params)
+        if method == "meta_sgd":
+            rates = jax.tree.map(lambda r: r * rng.uniform(0, 2, r.shape), state.inner_params)
+            state = state._replace(inner_params=rates)
+        expected = learner.adapt(state, support, num_steps=2)
+        got = adapt(state.params, fewshot.sgd_rates(method, state, 0.4), support, 2)
+        for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # ANIL's body is not adapted, its head is.
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(got[:-1]), jax.tree.leaves(params[:-1]), strict=True)
+    )
+    assert not np.allclose(got[-1]["w"], params[-1]["w"])
+
+
+class _Stream:
+    """A sampler of linear-regression tasks (support, query) for `meta_train`."""
+
+    def meta_batch(self, rng, size):
+        w = rng.normal(size=(size, 1, 3))
+        x = rng.normal(size=(size, 2, 4, 3)).astype(np.float32)
+        y = np.sum(x * w[:, None], -1).astype(np.float32)
+        return (x[:, 0], y[:, 0]), (x[:, 1], y[:, 1])
+
+
+def test_meta_train_resumes_where_it_stopped(tmp_path):
+    """Checkpointed training stopped after 3 of 5 steps and resumed == 5 steps at once."""
+    loss = lambda p, b: jnp.mean((b[0] @ p["w"] - b[1]) ** 2)  # noqa: E731
+    learner = mg.fomaml(loss, optax.sgd(0.1), 1, optax.adam(0.1))
+    params, kw = {"w": jnp.zeros(3)}, dict(meta_batch=2, seed=0, progress=False)
+    state, losses = fewshot.meta_train(learner, params, _Stream(), iterations=5, **kw)
+    path, curve = tmp_path / "ck.pkl", []
+    record = lambda it, s: curve.append(it)  # noqa: E731
+    ck = dict(checkpoint=path, save_every=2, keep={"curve": curve}, tag="a", on_step=record)
+    fewshot.meta_train(learner, params, _Stream(), iterations=3, **kw, **ck)
+    curve.clear()  # restored from the checkpoint
+    again, losses2 = fewshot.meta_train(learner, params, _Stream(), iterations=5, **kw, **ck)
+    assert curve == [1, 2, 3, 4, 5] and losses2 == losses
+    np.testing.assert_array_equal(again.params["w"], state.params["w"])
+    with pytest.raises(ValueError, match="other settings"):
+        fewshot.meta_train(learner, params, _Stream(), iterations=5, **kw, **(ck | {"tag": "b"}))
 
 
 def test_missing_dataset_error_says_how_to_prepare(tmp_path):

@@ -133,23 +133,37 @@ def test_sampler_episodes_from_glyphs(small):
 
 
 def test_fewshot_section_runs_on_glyphs_by_default(tmp_path):
-    """The default dataset of `python -m experiments`: glyph episodes through Conv-4."""
+    """The default dataset of `python -m experiments`: glyph episodes through Conv-4 (ANIL),
+    and the same command again with the same --out resumes from the checkpoint."""
     import json
+    import pickle
 
     from experiments import cli
 
     out = tmp_path / "out"
     argv = ["--only", "fewshot", "--budget", "tiny", "--no-progress", "--out", str(out)]
     argv += ["--fewshot-glyphs-cache", str(tmp_path / "cache")]
-    argv += ["--fewshot-glyphs-classes-per-alphabet", "2", "--fewshot-methods", "fomaml"]
+    argv += ["--fewshot-glyphs-classes-per-alphabet", "2", "--fewshot-methods", "anil"]
     argv += ["--fewshot-shots", "1"]  # one compiled meta-step and evaluator
     assert cli.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
-    assert [(r["method"], r["shots"], r["dataset"]) for r in rows] == [("fomaml", 1, "glyphs")]
+    assert [(r["method"], r["shots"], r["dataset"]) for r in rows] == [("anil", 1, "glyphs")]
     for row in rows:
         assert 0.0 <= row["test_acc"] <= 1.0 and row["episodes"] >= 2
-    assert rows[0]["paper_omniglot"] == 98.3
+    assert rows[0]["paper_omniglot"] == "nan"  # no paper figure for ANIL
     table = (out / "fewshot" / "fewshot_table.md").read_text()
-    assert "| fomaml | 1 |" in table and "98.3" in table and "not comparable" in table
+    assert "| anil | 1 |" in table and "98.7" not in table and "not comparable" in table
     assert (out / "fewshot" / "fewshot_training.png").stat().st_size > 1000
+    # The same command again resumes from the checkpoint: nothing left to train (the
+    # learning curve is the checkpoint's, marked here), the same accuracy.
+    ckpt = out / "fewshot" / "checkpoints" / "anil_1-shot.pkl"
+    saved = pickle.loads(ckpt.read_bytes())
+    assert saved["iteration"] == rows[0]["iterations"]
+    saved["keep"]["curve"] = [[99, 0.5]]
+    ckpt.write_bytes(pickle.dumps(saved))
+    assert cli.main(argv) == 0
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert again[0]["test_acc"] == rows[0]["test_acc"]
+    progress = json.loads((out / "fewshot" / "fewshot_progress.json").read_text())
+    assert progress["curves"]["anil 1-shot"] == [[99, 0.5]]
