@@ -49,6 +49,34 @@ def pytest_configure(config):
     )
 
 
+# -- xdist groups under pytest 9 ----------------------------------------------------------------
+# `--dist loadgroup` (pyproject addopts) keeps the tests of one `xdist_group` on one worker:
+# the battery's cells of a method share its baseline run, and the modules whose checks run in
+# one subprocess (multi-device, notebooks) must not have a worker wait on the other's
+# subprocess. pytest-xdist 3.8 groups by appending "@<group>" to a test's node id through
+# `item._nodeid`; pytest 9 keeps the id in `item._id`, so the suffix was lost and every group
+# was split over the two workers (seen in a -v run: each method's cells on both workers, one
+# worker blocked on the other's subprocess lock). This does what xdist means to, on pytest 9;
+# it does nothing where xdist's own suffix is already there.
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and config.getvalue("loadgroup")):
+        return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest < 9: xdist's own suffix works
+        return
+    for item in items:
+        names = {
+            str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+            for m in item.iter_markers("xdist_group")
+        }
+        if names and "@" not in item.nodeid and hasattr(item, "_id"):
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(names))}")
+
+
 # -- fixtures ----------------------------------------------------------------------------------
 
 
