@@ -111,7 +111,10 @@ def _params(cells_of, group):
     return out
 
 
-SINGLE = _params(_cells, lambda m: "conformance-" + m.name.split("/")[0])
+# One xdist group per method: its cells share the method's baseline run (`baseline` below),
+# and programs compiled by both workers are shared through the session's compilation cache
+# (conftest.py). Smaller groups keep both workers busy until the end.
+SINGLE = _params(_cells, lambda m: "conformance-" + m.name)
 MULTI = _params(
     lambda m: MULTIDEVICE_CELLS if m.kind != "invalid" else [], lambda m: "conformance-devices"
 )
