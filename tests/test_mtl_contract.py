@@ -79,6 +79,35 @@ def test_wrapped_aggregator_says_where_it_goes(name, wrapper, fix):
     assert f"optax.chain(mg.{name}(...), {fix}" in str(info.value)
 
 
+def test_bare_masked_aggregator_raises_and_multi_transform_works():
+    # optax.masked passes the unselected leaves on unchanged, still [T, ...]: the params would
+    # change shape. Every aggregator says so and points to multi_transform, which works.
+    from tests import conformance_methods as cm
+
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones((3,))}
+    grads = jax.tree.map(lambda a: jnp.stack([a, -0.5 * a, 2.0 * a]), params)
+    losses = jnp.array([1.0, 2.0, 0.5])
+    labels = {"w": "agg", "b": "rest"}
+    methods = [m for m in cm.METHODS if m.kind == "aggregator"]
+    assert len(methods) >= 18
+    for method in methods:
+        make = functools.partial(method.make(None), **method.hyper)
+        extra = {"losses": losses} if method.losses else {}
+        bare = optax.chain(optax.masked(make(), {"w": True, "b": False}), optax.adam(0.1))
+        with pytest.raises(ValueError, match="cannot sit inside optax.masked") as info:
+            jax.eval_shape(bare.update, grads, bare.init(params), params, **extra)
+        assert "optax.multi_transform(" in str(info.value), method.name
+        split = optax.multi_transform(
+            {
+                "agg": optax.chain(make(), optax.adam(0.1)),
+                "rest": optax.chain(mg.mtl_sum(), optax.adam(0.1)),
+            },
+            labels,
+        )
+        updates, _ = jax.eval_shape(split.update, grads, split.init(params), params, **extra)
+        assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params), method.name
+
+
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 def test_already_combined_gradient_is_named(name):
     params = _params()
