@@ -13,6 +13,7 @@ References:
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import chex
@@ -26,10 +27,27 @@ from metagrad._src import loops as _loops
 from metagrad._src.adapt import adapt, one_task
 from metagrad._src.base import MetaLearner, global_norm, keep_if_finite
 from metagrad._src.diagnostics import mean_pairwise_cosine, task_gradients
-from metagrad._src.inner_loop import check_learner
+from metagrad._src.inner_loop import check_learner, describe
 from metagrad._src.reptile import ReptileState, reptile_init
 
 Params = chex.ArrayTree
+
+_FORMAT = (
+    "seq_reptile takes tasks = (task_ids[K], batches[K, ...]), one trajectory of K = "
+    "inner_steps batches, not (support, query); draw the ids with "
+    "mg.sample_tasks(key, mg.task_probs(sizes, q), K) and stack batch k of task task_ids[k] "
+    "as slice k"
+)
+
+
+def _required_positional(fn: Callable[..., chex.Array]) -> int:
+    """The number of positional parameters of ``fn`` without a default (0 if unknown)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in parameters)
 
 
 def seq_reptile(
@@ -143,6 +161,12 @@ def seq_reptile(
         alignment=alignment,
     )  # fmt: skip
     inner = _checks.as_optimizer("inner", inner)
+    if not pass_task_id and _required_positional(loss_fn) >= 3:
+        raise TypeError(
+            "loss_fn takes a third argument (the task id?) but pass_task_id=False: "
+            "pass pass_task_id=True for loss_fn(params, batch, task_id), or take "
+            "loss_fn(params, batch)"
+        )
     if alignment and inner_steps < 2:
         raise ValueError("alignment=True needs inner_steps >= 2 batches to compare, got 1")
 
@@ -154,12 +178,16 @@ def seq_reptile(
 
     def step_fn(state, tasks):
         if not isinstance(tasks, (tuple, list)) or len(tasks) != 2:
-            raise TypeError("tasks must be a pair (task_ids, batches)")
+            raise TypeError(f"tasks must be a pair (task_ids, batches); {_FORMAT}")
         task_ids, batches = tasks
+        if not isinstance(task_ids, (jax.Array, np.ndarray)):
+            raise ValueError(
+                f"tasks[0] (task_ids) must be one int array, got {describe(task_ids)}: {_FORMAT}"
+            )
         if np.shape(task_ids) != (inner_steps,):
             raise ValueError(
                 f"tasks[0] (task_ids) must have shape ({inner_steps},) = (inner_steps,), "
-                f"got {np.shape(task_ids)}"
+                f"got {np.shape(task_ids)}; {_FORMAT}"
             )
         if not jnp.issubdtype(jnp.result_type(task_ids), jnp.integer):
             raise TypeError(
