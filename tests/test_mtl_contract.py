@@ -299,6 +299,30 @@ def test_num_tasks_array_names_static_args():
         optax.inject_hyperparams(mg.gradvac)(num_tasks=3).init(jnp.zeros(2))
 
 
+def test_integer_default_under_inject_hyperparams_names_static_args():
+    # inject_hyperparams turns numeric defaults into arrays; a loop length must stay static.
+    params = jnp.zeros(2)
+    cases = [
+        (lambda: optax.inject_hyperparams(mg.cagrad)(c=0.4), "max_iters"),
+        (
+            lambda: optax.inject_hyperparams(mg.nash_mtl, static_args=("num_tasks",))(num_tasks=3),
+            "update_weights_every",
+        ),
+        (
+            lambda: optax.inject_hyperparams(mg.dwa, static_args=("num_tasks",))(num_tasks=3),
+            "period",
+        ),
+    ]
+    for make, name in cases:
+        with pytest.raises(TypeError, match=rf"^{name} must be an integer >= 1, got an array"):
+            make().init(params)
+        with pytest.raises(TypeError, match=rf"inject_hyperparams pass static_args=\('{name}',\)"):
+            make().init(params)
+    # With the fix it works.
+    tx = optax.inject_hyperparams(mg.cagrad, static_args=("max_iters",))(c=0.4)
+    assert tx.init(params).hyperparams["c"] == np.float32(0.4)
+
+
 def test_traced_hyperparameter_passes_through():
     grads = jnp.array([[1.0, 0.0], [0.3, 1.0]])
 

@@ -145,9 +145,18 @@ def hyperparameter(
 
 
 def positive_int(name: str, value: Any) -> int:
-    """Returns `value` as an int after checking it is an integer >= 1 (no arrays)."""
+    """Returns `value` as an int after checking it is an integer >= 1 (no arrays).
+
+    Such a value fixes a loop length or a state's shape, so it must be known when tracing:
+    an array (e.g. a default that `optax.inject_hyperparams` turned into one) is refused with
+    the fix, ``static_args``.
+    """
     if isinstance(value, (jax.Array, np.ndarray)):
-        raise TypeError(f"{name} must be an integer >= 1, got an array")
+        raise TypeError(
+            f"{name} must be an integer >= 1, got an array of dtype {np.dtype(value.dtype)}: "
+            f"it fixes a loop length or the state's shape, so it must be a Python int. Under "
+            f"optax.inject_hyperparams pass static_args=('{name}',)"
+        )
     return hyperparameter(name, value, integer=True, low=1, low_inclusive=True)
 
 

@@ -31,11 +31,6 @@ EXACT = jax.lax.Precision.HIGHEST
 
 def num_tasks_arg(value: Any) -> int:
     """`num_tasks`, a Python int >= 1 (it fixes the shapes of the state)."""
-    if isinstance(value, (jax.Array, np.ndarray)):
-        raise TypeError(
-            f"num_tasks must be a Python int, got an array {value!r}: it fixes the shapes of the "
-            "state. Under optax.inject_hyperparams pass static_args=('num_tasks',)"
-        )
     return _checks.positive_int("num_tasks", value)
 
 
