@@ -297,6 +297,22 @@ CASES = [
 ]  # fmt: skip
 
 
+def test_loss_error_on_well_formed_tasks_is_the_loss_own():
+    # The tasks are fine, the loss is broken: its own error type, with a note, no tasks hint.
+    class Broken(Exception):
+        pass
+
+    def broken(params, batch):
+        raise Broken("inside the loss")
+
+    learner = mg.maml(broken, optax.sgd(0.1), 1, 0.01)
+    with pytest.raises(Broken, match="inside the loss") as info:
+        learner.step(learner.init(PARAMS), TASKS)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "loss_fn(params, batch) on task 0's support batch" in notes
+    assert "tasks must be a pair" not in str(info.value) + notes
+
+
 def test_table_is_large():
     assert len(CASES) >= 20
     assert len({case[0] for case in CASES}) == len(CASES)
