@@ -313,6 +313,26 @@ def test_loss_error_on_well_formed_tasks_is_the_loss_own():
     assert "tasks must be a pair" not in str(info.value) + notes
 
 
+LEARNERS = {
+    "maml": lambda: mg.maml(loss, optax.sgd(0.1), 1, 0.01),
+    "fomaml": lambda: mg.fomaml(loss, optax.sgd(0.1), 1, 0.01),
+    "maml/meta_sgd": lambda: mg.maml(loss, mg.meta_sgd(0.1), 1, 0.01),
+    "maml/grad_share": lambda: mg.maml(loss, mg.grad_share(0.1), 1, 0.01),
+    "reptile": lambda: mg.reptile(loss, optax.sgd(0.1), 1, 0.5),
+    "imaml": lambda: mg.imaml(loss, optax.sgd(0.1), 1, 0.01),
+    "seq_reptile": lambda: mg.seq_reptile(loss, optax.sgd(0.1), 4, 0.5),
+}
+
+
+def test_non_float_params_leaf_is_named_at_init():
+    for make in LEARNERS.values():
+        for leaf in (jnp.array(1, jnp.int32), jnp.array(True)):
+            params = dict(PARAMS, n=leaf)
+            with pytest.raises(TypeError, match=r"params leaf \['n'\] has dtype .*nnx\.split"):
+                make().init(params)
+        make().init(PARAMS)  # float leaves: fine
+
+
 def test_table_is_large():
     assert len(CASES) >= 20
     assert len({case[0] for case in CASES}) == len(CASES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,6 +31,31 @@ class MetaLearner(NamedTuple):
     init: Callable[[Params], Any]
     step: Callable[[Any, Any], tuple[Any, dict[str, chex.Array]]]
     adapt: Callable[..., Params]
+
+
+def meta_learner(init: Callable[[Params], Any], step: Callable, adapt: Callable) -> MetaLearner:
+    """The `MetaLearner` of ``init``, ``step`` (jitted here) and ``adapt``, with the checks
+    every meta-learner shares: ``init`` refuses params it cannot differentiate."""
+
+    @functools.wraps(init)
+    def checked_init(params: Params) -> Any:
+        check_float_params(params)
+        return init(params)
+
+    return MetaLearner(init=checked_init, step=jax.jit(step), adapt=adapt)
+
+
+def check_float_params(params: Params) -> None:
+    """Every leaf of a meta-learner's params is differentiated: it must be a float."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"params leaf {jax.tree_util.keystr(path) or '(root)'} has dtype {dtype.name}: "
+                "meta-learners differentiate every leaf of params, so every leaf must be a "
+                "float. Close over non-float state in loss_fn instead (e.g. graphdef, params, "
+                "rest = nnx.split(model, nnx.Param, ...), merged inside loss_fn)"
+            )
 
 
 def as_arrays(tree: Any) -> Any:

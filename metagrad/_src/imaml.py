@@ -15,7 +15,7 @@ import optax
 from metagrad._src import base as _base
 from metagrad._src import checks as _checks
 from metagrad._src.adapt import one_task
-from metagrad._src.base import LossFn, MetaLearner, Params
+from metagrad._src.base import LossFn, MetaLearner, Params, meta_learner
 from metagrad._src.hvp import hvp as _hvp
 from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
 from metagrad._src.inner_rules import as_inner_rule
@@ -242,4 +242,4 @@ def imaml(
         num_steps = inner_steps if num_steps is None else num_steps
         return adapt_jit(state, support, _checks.positive_int("num_steps", num_steps))
 
-    return MetaLearner(init=init, step=jax.jit(step), adapt=adapt)
+    return meta_learner(init, step, adapt)

@@ -27,7 +27,7 @@ from metagrad._src import checks as _checks
 from metagrad._src import inner_mask as _mask
 from metagrad._src import loops as _loops
 from metagrad._src import maml_pp as _pp
-from metagrad._src.base import LossFn, MetaLearner, Params
+from metagrad._src.base import LossFn, MetaLearner, Params, meta_learner
 from metagrad._src.inner_loop import check_learner, check_loss, inner_loop, start_step, task_states
 from metagrad._src.inner_rules import InnerRule, as_inner_rule
 
@@ -359,4 +359,4 @@ def maml(
         num_steps = inner_steps if num_steps is None else num_steps
         return adapt_jit(state, support, _checks.positive_int("num_steps", num_steps))
 
-    return MetaLearner(init=init, step=jax.jit(step), adapt=adapt)
+    return meta_learner(init, step, adapt)

@@ -21,7 +21,7 @@ import optax
 from metagrad._src import base as _base
 from metagrad._src import checks as _checks
 from metagrad._src.adapt import adapt
-from metagrad._src.base import MetaLearner
+from metagrad._src.base import MetaLearner, meta_learner
 from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
 from metagrad._src.inner_rules import as_inner_rule
 
@@ -220,8 +220,8 @@ def reptile(
             loss_fn, inner, state.params, support, inner_steps if num_steps is None else num_steps
         )
 
-    return MetaLearner(
-        init=functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
-        step=jax.jit(step_fn),
-        adapt=jax.jit(adapt_fn, static_argnames="num_steps"),
+    return meta_learner(
+        functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
+        step_fn,
+        jax.jit(adapt_fn, static_argnames="num_steps"),
     )

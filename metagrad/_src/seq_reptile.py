@@ -25,7 +25,7 @@ import optax
 from metagrad._src import checks as _checks
 from metagrad._src import loops as _loops
 from metagrad._src.adapt import adapt, one_task
-from metagrad._src.base import MetaLearner, global_norm, keep_if_finite
+from metagrad._src.base import MetaLearner, global_norm, keep_if_finite, meta_learner
 from metagrad._src.diagnostics import mean_pairwise_cosine, task_gradients
 from metagrad._src.inner_loop import check_learner, describe
 from metagrad._src.reptile import ReptileState, reptile_init
@@ -252,8 +252,8 @@ def seq_reptile(
             support = (jnp.zeros([], jnp.int32), support)
         return adapt(tagged_loss, inner, state.params, support, num_steps)
 
-    return MetaLearner(
-        init=functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
-        step=jax.jit(step_fn),
-        adapt=jax.jit(adapt_fn, static_argnames="num_steps"),
+    return meta_learner(
+        functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
+        step_fn,
+        jax.jit(adapt_fn, static_argnames="num_steps"),
     )
