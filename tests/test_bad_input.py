@@ -46,6 +46,11 @@ def _maml_step(tasks, **kwargs):
     return learner.step(learner.init(PARAMS), tasks)
 
 
+def _aux_loss_step():
+    learner = mg.maml(lambda p, b: (loss(p, b), {"mse": loss(p, b)}), optax.sgd(0.1), 1, 0.01)
+    return learner.step(learner.init(PARAMS), TASKS)
+
+
 def _reptile_step(tasks, **kwargs):
     learner = mg.reptile(loss, optax.sgd(0.1), 2, 0.5, **kwargs)
     return learner.step(learner.init(PARAMS), tasks)
@@ -150,6 +155,8 @@ CASES = [
      r"tasks must be a pair \(support, query\)"),
     ("reptile/support-only", lambda: _reptile_step((X, Y)), ValueError,
      r"loss_fn\(params, batch\) failed on the support batch of task 0"),
+    ("maml/loss-returns-tuple", _aux_loss_step, ValueError,
+     r"returned a tuple .*loss_fn must return a scalar \(no has_aux\)"),
     ("reptile/zero-tasks", lambda: _reptile_step(((X[:0], Y[:0]), (X[:0], Y[:0]))), ValueError,
      r"tasks must hold at least one task"),
     ("reptile/task-axes", lambda: _reptile_step(((X, Y[:3]), (X, Y))), ValueError,

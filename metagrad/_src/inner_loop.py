@@ -154,6 +154,12 @@ def check_loss(loss_fn: LossFn, params: Any, tasks: Any) -> Any:
             "each a batch in the form loss_fn takes with a leading task axis; got tasks = "
             f"{describe(tasks)}"
         ) from error
+    if isinstance(out, (tuple, list)):
+        raise ValueError(
+            f"loss_fn returned a {type(out).__name__} ({describe(out)}) on task 0's support "
+            "batch; loss_fn must return a scalar (no has_aux): meta-learners take "
+            "loss_fn(params, batch) -> scalar, so return the loss only"
+        )
     shape = getattr(out, "shape", None)
     if shape != ():
         raise ValueError(
