@@ -172,7 +172,7 @@ CASES = [
      r"outer must be an optax GradientTransformation, or a step size"),
     ("maml/outer-negative", lambda: mg.maml(loss, optax.sgd(0.1), 1, -1e-3), ValueError,
      r"outer must be > 0"),
-    ("maml/inner", lambda: mg.maml(loss, 0.1, 1, optax.adam(1e-3)), TypeError,
+    ("maml/inner", lambda: mg.maml(loss, "sgd", 1, optax.adam(1e-3)), TypeError,
      r"inner must be an optax GradientTransformation or a metagrad InnerRule"),
     ("maml/inner_steps", lambda: mg.maml(loss, optax.sgd(0.1), -1, optax.adam(1e-3)),
      ValueError, r"inner_steps must be an integer >= 1"),

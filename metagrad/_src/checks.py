@@ -223,34 +223,25 @@ def booleans(**flags: Any) -> None:
 
 
 def as_optimizer(name: str, value: Any) -> optax.GradientTransformation:
-    """Returns `value` as an optax transformation; an `optax.MultiSteps` is converted."""
+    """An optimizer argument (``inner``, ``outer``): an optax transformation, or a step size.
+
+    The one rule for both: a float, scalar array or optax schedule η means ``optax.sgd(η)``
+    (for ``outer`` the meta-gradient is the "gradient" the optimizer receives and its update is
+    added to the initialization); an `optax.MultiSteps` is converted to its transformation.
+    """
     if isinstance(value, optax.MultiSteps):
         return value.gradient_transformation()
-    if not isinstance(value, optax.GradientTransformation):
-        raise TypeError(
-            f"{name} must be an optax GradientTransformation (or optax.MultiSteps), "
-            f"got {value!r} of type {type(value).__name__}"
-        )
-    return value
-
-
-def outer_optimizer(name: str, value: Any) -> optax.GradientTransformation:
-    """The outer optimizer of a meta-learner: an optax transformation, or a step size.
-
-    A float, scalar array or optax schedule η means ``optax.sgd(η)``: the meta-gradient is
-    the "gradient" the optimizer receives and its update is added to the initialization.
-    """
-    if isinstance(value, (optax.GradientTransformation, optax.MultiSteps)):
-        return as_optimizer(name, value)
+    if isinstance(value, optax.GradientTransformation):
+        return value
     value = hyperparameter(
         name,
         value,
         low=0,
         schedule=True,
-        expected="an optax GradientTransformation, or a step size > 0 (a number or an optax "
-        "schedule) meaning optax.sgd(step size)",
+        expected="an optax GradientTransformation, or a step size > 0 (a "
+        "number or an optax schedule) meaning optax.sgd(step size)",
     )
-    return optax.scale_by_learning_rate(value)
+    return optax.scale_by_learning_rate(value)  # optax.sgd(value) without its empty chain
 
 
 def axis_name(value: Any) -> Any:

@@ -60,7 +60,7 @@ def conjugate_gradient(matvec, b: Any, num_steps: int) -> tuple[Any, jax.Array]:
 
 def imaml(
     loss_fn: LossFn,
-    inner: optax.GradientTransformation,
+    inner: float | optax.Schedule | optax.GradientTransformation,
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
@@ -90,9 +90,9 @@ def imaml(
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
-      inner: the optax optimizer of the inner loop (e.g. ``optax.sgd(α)``), applied per
-        task to ``∇G_t``; its state starts fresh for every task unless
-        `reset_inner_state` is False.
+      inner: the optax optimizer of the inner loop (e.g. ``optax.sgd(α)``, or the step
+        size α meaning it), applied per task to ``∇G_t``; its state starts fresh for every
+        task unless `reset_inner_state` is False.
       inner_steps: number of inner steps K (>= 1).
       outer: the optax optimizer applied to the meta-gradient (or a float / optax
         schedule, meaning ``optax.sgd(outer)``).

@@ -68,7 +68,7 @@ def check_learner(loss_fn, inner_steps, outer, *, axis_name, task_loop, step_loo
     int, an optax transformation)."""
     _checks.callable_("loss_fn", loss_fn)
     inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    outer = _checks.outer_optimizer("outer", outer)
+    outer = _checks.as_optimizer("outer", outer)
     _checks.booleans(**flags)
     _checks.axis_name(axis_name)
     _loops.check(task_loop, step_loop)

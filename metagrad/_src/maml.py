@@ -59,7 +59,7 @@ def _split_inexact(tree: Any) -> tuple[list, Callable[[list], Any]]:
 
 def maml(
     loss_fn: LossFn,
-    inner: optax.GradientTransformation | InnerRule,
+    inner: float | optax.Schedule | optax.GradientTransformation | InnerRule,
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
@@ -119,8 +119,9 @@ def maml(
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       inner: an optax transformation applied per task (``optax.sgd(α)`` is classic MAML;
-        its state starts fresh for every task unless `reset_inner_state` is False) or an
-        `InnerRule` (`meta_sgd`, `learned_lr`, `grad_share`).
+        its state starts fresh for every task unless `reset_inner_state` is False), a step
+        size α (a float or an optax schedule) meaning ``optax.sgd(α)``, or an `InnerRule`
+        (`meta_sgd`, `learned_lr`, `grad_share`).
       inner_steps: number of inner steps K (>= 1).
       outer: the optax optimizer applied to the meta-gradient, or a step size (a float or an
         optax schedule) meaning ``optax.sgd(outer)``.

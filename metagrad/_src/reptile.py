@@ -61,7 +61,7 @@ def reptile_init(
 
 def reptile(
     loss_fn: Callable[[Params, Any], chex.Array],
-    inner: optax.GradientTransformation,
+    inner: float | optax.Schedule | optax.GradientTransformation,
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
@@ -89,7 +89,8 @@ def reptile(
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, one task's loss on a batch.
-      inner: the inner optimizer, any optax transformation.
+      inner: the inner optimizer, any optax transformation, or a step size α (a float or
+        an optax schedule) meaning ``optax.sgd(α)``.
       inner_steps: K >= 1.
       outer: the optimizer applied to MG (its update is added to φ), or a
         float / schedule η meaning ``optax.sgd(η)``.

@@ -52,7 +52,7 @@ def _required_positional(fn: Callable[..., chex.Array]) -> int:
 
 def seq_reptile(
     loss_fn: Callable[..., chex.Array],
-    inner: optax.GradientTransformation,
+    inner: float | optax.Schedule | optax.GradientTransformation,
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
@@ -91,7 +91,8 @@ def seq_reptile(
         learner, or ``loss_fn(params, batch, task_id)`` with
         ``pass_task_id=True`` (``task_id`` an int32 scalar, e.g. to pick a task
         head).
-      inner: the inner optimizer, any optax transformation.
+      inner: the inner optimizer, any optax transformation, or a step size α (a float or
+        an optax schedule) meaning ``optax.sgd(α)``.
       inner_steps: K >= 1, the trajectory length (``task_ids`` has K entries).
       outer: the optimizer applied to MG (its update is added to φ), or a
         float / schedule η meaning ``optax.sgd(η)``.
