@@ -340,6 +340,14 @@ def test_non_float_params_leaf_is_named_at_init():
         make().init(PARAMS)  # float leaves: fine
 
 
+def test_step_given_params_names_the_state():
+    for make in LEARNERS.values():
+        with pytest.raises(TypeError, match=r"state must be the \w+State from learner\.init"):
+            make().step(PARAMS, TASKS)
+    with pytest.raises(TypeError, match=r"jax\.eval_shape\(learner\.init, params\)"):
+        LEARNERS["maml"]().step(PARAMS, TASKS)
+
+
 def test_table_is_large():
     assert len(CASES) >= 20
     assert len({case[0] for case in CASES}) == len(CASES)

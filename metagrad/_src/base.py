@@ -33,16 +33,30 @@ class MetaLearner(NamedTuple):
     adapt: Callable[..., Params]
 
 
-def meta_learner(init: Callable[[Params], Any], step: Callable, adapt: Callable) -> MetaLearner:
+def meta_learner(
+    init: Callable[[Params], Any], step: Callable, adapt: Callable, *, state_type: type
+) -> MetaLearner:
     """The `MetaLearner` of ``init``, ``step`` (jitted here) and ``adapt``, with the checks
-    every meta-learner shares: ``init`` refuses params it cannot differentiate."""
+    every meta-learner shares: ``init`` refuses params it cannot differentiate, ``step``
+    a state that is not the ``state_type`` from ``init`` (at trace time)."""
 
     @functools.wraps(init)
     def checked_init(params: Params) -> Any:
         check_float_params(params)
         return init(params)
 
-    return MetaLearner(init=checked_init, step=jax.jit(step), adapt=adapt)
+    @functools.wraps(step)
+    def checked_step(state: Any, tasks: Any) -> Any:
+        if not isinstance(state, state_type):
+            raise TypeError(
+                f"state must be the {state_type.__name__} from learner.init(params), got "
+                f"{type(state).__name__}: pass state = learner.init(params), not the params. "
+                "(A checkpoint restored without a target comes back as a dict: with orbax, "
+                "restore into jax.eval_shape(learner.init, params).)"
+            )
+        return step(state, tasks)
+
+    return MetaLearner(init=checked_init, step=jax.jit(checked_step), adapt=adapt)
 
 
 def check_float_params(params: Params) -> None:

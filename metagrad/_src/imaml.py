@@ -242,4 +242,4 @@ def imaml(
         num_steps = inner_steps if num_steps is None else num_steps
         return adapt_jit(state, support, _checks.positive_int("num_steps", num_steps))
 
-    return meta_learner(init, step, adapt)
+    return meta_learner(init, step, adapt, state_type=IMAMLState)

@@ -360,4 +360,4 @@ def maml(
         num_steps = inner_steps if num_steps is None else num_steps
         return adapt_jit(state, support, _checks.positive_int("num_steps", num_steps))
 
-    return meta_learner(init, step, adapt)
+    return meta_learner(init, step, adapt, state_type=MAMLState)

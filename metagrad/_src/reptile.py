@@ -225,4 +225,5 @@ def reptile(
         functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
         step_fn,
         jax.jit(adapt_fn, static_argnames="num_steps"),
+        state_type=ReptileState,
     )

@@ -257,4 +257,5 @@ def seq_reptile(
         functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
         step_fn,
         jax.jit(adapt_fn, static_argnames="num_steps"),
+        state_type=ReptileState,
     )
