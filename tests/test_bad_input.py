@@ -348,6 +348,17 @@ def test_step_given_params_names_the_state():
         LEARNERS["maml"]().step(PARAMS, TASKS)
 
 
+def test_learned_inner_rule_where_the_inner_loop_is_not_differentiated():
+    rules = {"meta_sgd": mg.meta_sgd(0.1), "learned_lr": mg.learned_lr(0.1),
+             "grad_share": mg.grad_share(0.1)}  # fmt: skip
+    for name, make in (("reptile", mg.reptile), ("seq_reptile", mg.seq_reptile),
+                       ("imaml", mg.imaml)):  # fmt: skip
+        for rule in rules.values():
+            with pytest.raises(TypeError, match=rf"mg\.{name} does not differentiate its inner "
+                               r"loop.*cannot be trained.*use mg\.maml or mg\.fomaml"):  # fmt: skip
+                make(loss, rule, 2, 0.5)
+
+
 def test_table_is_large():
     assert len(CASES) >= 20
     assert len({case[0] for case in CASES}) == len(CASES)

@@ -18,7 +18,7 @@ from metagrad._src.adapt import one_task
 from metagrad._src.base import LossFn, MetaLearner, Params, meta_learner
 from metagrad._src.hvp import hvp as _hvp
 from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
-from metagrad._src.inner_rules import as_inner_rule
+from metagrad._src.inner_rules import as_inner_rule, fixed_inner
 
 
 class IMAMLState(NamedTuple):
@@ -139,7 +139,7 @@ def imaml(
         loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
         step_loop=step_loop, reset_inner_state=reset_inner_state, alignment=alignment,
     )  # fmt: skip
-    inner = _checks.as_optimizer("inner", inner)
+    inner = fixed_inner("imaml", inner)
     rule = as_inner_rule(inner)
     lam = _checks.positive_float("lam", lam)
     cg_steps = _checks.positive_int("cg_steps", cg_steps)

@@ -91,6 +91,20 @@ def as_inner_rule(inner: Any, name: str = "inner") -> InnerRule:
     return InnerRule(init, tx.init, update)
 
 
+def fixed_inner(method: str, inner: Any) -> Any:
+    """``inner`` of a learner that does not differentiate its inner loop (`reptile`,
+    `seq_reptile`, `imaml`), as an optax transformation (`checks.as_optimizer`). A learned
+    `InnerRule` could not be trained there: the error says so and where it can."""
+    if isinstance(inner, InnerRule):
+        raise TypeError(
+            f"inner must be an optax GradientTransformation (or a step size), not an InnerRule: "
+            f"mg.{method} does not differentiate its inner loop, so a learned inner rule "
+            "(meta_sgd / learned_lr / grad_share) cannot be trained there; use mg.maml or "
+            "mg.fomaml for a learned inner rule"
+        )
+    return _checks.as_optimizer("inner", inner)
+
+
 def step_index(step: jax.Array, num_steps: int) -> jax.Array:
     """Index of per-step quantities; steps beyond the trained horizon reuse the last one."""
     return jnp.minimum(step, num_steps - 1)

@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import optax
 
 from metagrad._src import base as _base
-from metagrad._src import checks as _checks
 from metagrad._src.adapt import adapt
 from metagrad._src.base import MetaLearner, meta_learner
 from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
-from metagrad._src.inner_rules import as_inner_rule
+from metagrad._src.inner_rules import as_inner_rule, fixed_inner
 
 Params = chex.ArrayTree
 
@@ -168,7 +167,7 @@ def reptile(
         step_loop=step_loop, batch_per_step=batch_per_step,
         reset_inner_state=reset_inner_state, alignment=alignment,
     )  # fmt: skip
-    inner = _checks.as_optimizer("inner", inner)
+    inner = fixed_inner("reptile", inner)
     rule = as_inner_rule(inner)
 
     def step_fn(state, tasks):

@@ -28,6 +28,7 @@ from metagrad._src.adapt import adapt, one_task
 from metagrad._src.base import MetaLearner, global_norm, keep_if_finite, meta_learner
 from metagrad._src.diagnostics import mean_pairwise_cosine, task_gradients
 from metagrad._src.inner_loop import check_learner, describe
+from metagrad._src.inner_rules import fixed_inner
 from metagrad._src.reptile import ReptileState, reptile_init
 
 Params = chex.ArrayTree
@@ -161,7 +162,7 @@ def seq_reptile(
         step_loop=step_loop, reset_inner_state=reset_inner_state, pass_task_id=pass_task_id,
         alignment=alignment,
     )  # fmt: skip
-    inner = _checks.as_optimizer("inner", inner)
+    inner = fixed_inner("seq_reptile", inner)
     if not pass_task_id and _required_positional(loss_fn) >= 3:
         raise TypeError(
             "loss_fn takes a third argument (the task id?) but pass_task_id=False: "
