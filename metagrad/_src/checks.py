@@ -7,6 +7,7 @@ argument to fix.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -222,6 +223,35 @@ def booleans(**flags: Any) -> None:
         boolean(name, value)
 
 
+def _check_schedule(name: str, value: Callable[..., Any]) -> None:
+    """A callable given as an optimizer must be a schedule ``count -> step size``: not an optax
+    optimizer factory (``optax.sgd`` uncalled), nor a function of other arguments (a loss)."""
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):
+        return
+    returns = signature.return_annotation
+    if (isinstance(returns, type) and issubclass(returns, optax.GradientTransformation)) or (
+        isinstance(returns, str) and "GradientTransformation" in returns
+    ):
+        what = getattr(value, "__qualname__", repr(value))
+        raise TypeError(
+            f"{name} got the optimizer factory {what}, not an optimizer: call it, e.g. "
+            f"{name}=optax.{what}(0.1), or pass a step size"
+        )
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        p for p in signature.parameters.values()
+        if p.kind in kinds and p.default is inspect.Parameter.empty
+    ]  # fmt: skip
+    if len(required) != 1:
+        raise TypeError(
+            f"{name} must be an optax GradientTransformation, or a step size > 0 (a number or an "
+            f"optax schedule, a function of the step count) meaning optax.sgd(step size); got "
+            f"{value!r}, a callable of {len(required)} required arguments"
+        )
+
+
 def as_optimizer(name: str, value: Any) -> optax.GradientTransformation:
     """An optimizer argument (``inner``, ``outer``): an optax transformation, or a step size.
 
@@ -233,6 +263,8 @@ def as_optimizer(name: str, value: Any) -> optax.GradientTransformation:
         return value.gradient_transformation()
     if isinstance(value, optax.GradientTransformation):
         return value
+    if callable(value):
+        _check_schedule(name, value)
     value = hyperparameter(
         name,
         value,

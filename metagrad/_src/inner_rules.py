@@ -73,6 +73,8 @@ def as_inner_rule(inner: Any, name: str = "inner") -> InnerRule:
     try:
         tx = _checks.as_optimizer(name, inner)
     except TypeError:
+        if callable(inner):  # a callable that is no schedule: the specific message
+            raise
         raise TypeError(
             f"{name} must be an optax GradientTransformation or a metagrad InnerRule, or a step "
             "size > 0 (a number or an optax schedule) meaning optax.sgd(step size), got "
