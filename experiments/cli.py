@@ -4,7 +4,9 @@ The experiments come from `experiments.registry`, their settings from `experimen
 and the table and files are written by `experiments.writers`. A module that is missing,
 fails to import, or raises is reported (status, message, the traceback in
 `<out>/<name>/error.txt`) and the suite goes on with the others; the exit status is
-non-zero when anything failed.
+non-zero when anything failed. Ctrl-C stops the suite: results.json then holds the experiments
+that finished (``"run_status": "interrupted"``) and the exit status is 130.
+`results/latest` points to the last run that wrote its results.
 """
 
 from __future__ import annotations
@@ -208,23 +210,32 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
     problem = _check_out(out)
     if problem:
         parser.error(f"--out: {problem}")
-    if not args.out:
-        _link_latest(out)
     print(f"metagrad experiments: {', '.join(names)} | budget={args.budget} seed={args.seed}")
     print(f"writing results to {out.resolve()}", flush=True)
 
     all_rows: list[dict] = []
     status: dict[str, dict] = {}
+    interrupted = False
     start_all = time.perf_counter()
     for name in names:
         exp = experiments[name]
         exp_dir = out / name
         exp_dir.mkdir(parents=True, exist_ok=True)
         print(f"\n== {name}: {exp.description}", flush=True)
-        status[name], rows = _run_one(exp, exp_dir, args)
+        start = time.perf_counter()
+        try:
+            status[name], rows = _run_one(exp, exp_dir, args)
+        except KeyboardInterrupt:
+            # Ctrl-C: keep what finished, say which one was cut short, no traceback.
+            seconds = time.perf_counter() - start
+            print(f"\n   INTERRUPTED after {seconds:.1f} s", flush=True)
+            status[name] = {"status": "interrupted", "seconds": seconds}
+            interrupted = True
+            break
         all_rows.extend(rows)
     total = time.perf_counter() - start_all
-    _report(names, status, all_rows, args, total)
+    names_run = list(status)
+    _report(names_run, status, all_rows, args, total)
 
     write_json(
         out / "results.json",
@@ -236,6 +247,7 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
                 "argv": list(argv) if argv is not None else sys.argv[1:],
                 "versions": _versions(),
             },
+            "run_status": "interrupted" if interrupted else "finished",
             "status": status,
             "total_seconds": total,
             "rows": all_rows,
@@ -243,5 +255,12 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
     )
     write_csv(out / "results.csv", all_rows)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.csv'} and per-experiment files")
+    # `results/latest` moves only to a run that wrote its results: finished, or interrupted
+    # after at least one experiment finished.
+    if not args.out and (not interrupted or len(status) > 1):
+        _link_latest(out)
+    if interrupted:
+        print("interrupted (Ctrl-C): results.json holds the experiments that finished")
+        return 130
     ok = all(s["status"] == "ok" for s in status.values())
     return 0 if ok else 1

@@ -90,6 +90,44 @@ def test_outer_step_size_means_sgd(name):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), sa.params, sb.params)
 
 
+def test_inner_step_size_means_sgd():
+    """``inner`` may be a step size meaning ``optax.sgd(step size)``, as ``outer`` may: the
+    same numbers, bit for bit, in every learner, `reptile_outer` and `adapt`."""
+    params, tasks = _params(), _tasks(4, num_tasks=2)
+    support0 = jax.tree.map(lambda x: x[0], tasks[0])
+    seq_tasks = (jnp.array([0, 1]), jax.tree.map(lambda x: x[:, 0], tasks[0]))
+
+    def learner(name):
+        def run(inner):
+            make = getattr(mg, name)
+            if name == "seq_reptile":
+                lrn = make(_loss, inner, 2, 0.5)
+                return lrn.step(lrn.init(params), seq_tasks)[0].params
+            lrn = make(_loss, inner, 1, 0.5)
+            return lrn.step(lrn.init(params), tasks)[0].params
+
+        return run
+
+    def reptile_outer(inner):
+        tx = mg.reptile_outer(inner, 1)
+        grads = jax.grad(_loss)(params, support0)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    def adapt(inner):
+        return mg.adapt(_loss, inner, params, support0, 1)
+
+    runs = {name: learner(name) for name in LEARNERS + ("seq_reptile",)}
+    runs.update(reptile_outer=reptile_outer, adapt=adapt)
+    assert {"maml", "fomaml", "reptile", "imaml"} <= set(runs)
+    for name, run in runs.items():
+        expected = run(optax.sgd(0.1))
+        # A schedule too, once (the same helper serves every learner).
+        for inner in (0.1,) + ((optax.constant_schedule(0.1),) if name == "adapt" else ()):
+            got = run(inner)
+            jax.tree.map(np.testing.assert_array_equal, got, expected)
+            assert jax.tree.structure(got) == jax.tree.structure(expected), name
+
+
 ALL_LEARNERS = LEARNERS + ("seq_reptile",)
 
 

@@ -46,6 +46,11 @@ def _maml_step(tasks, **kwargs):
     return learner.step(learner.init(PARAMS), tasks)
 
 
+def _aux_loss_step():
+    learner = mg.maml(lambda p, b: (loss(p, b), {"mse": loss(p, b)}), optax.sgd(0.1), 1, 0.01)
+    return learner.step(learner.init(PARAMS), TASKS)
+
+
 def _reptile_step(tasks, **kwargs):
     learner = mg.reptile(loss, optax.sgd(0.1), 2, 0.5, **kwargs)
     return learner.step(learner.init(PARAMS), tasks)
@@ -150,6 +155,8 @@ CASES = [
      r"tasks must be a pair \(support, query\)"),
     ("reptile/support-only", lambda: _reptile_step((X, Y)), ValueError,
      r"loss_fn\(params, batch\) failed on the support batch of task 0"),
+    ("maml/loss-returns-tuple", _aux_loss_step, ValueError,
+     r"returned a tuple .*loss_fn must return a scalar \(no has_aux\)"),
     ("reptile/zero-tasks", lambda: _reptile_step(((X[:0], Y[:0]), (X[:0], Y[:0]))), ValueError,
      r"tasks must hold at least one task"),
     ("reptile/task-axes", lambda: _reptile_step(((X, Y[:3]), (X, Y))), ValueError,
@@ -165,7 +172,11 @@ CASES = [
      r"outer must be an optax GradientTransformation, or a step size"),
     ("maml/outer-negative", lambda: mg.maml(loss, optax.sgd(0.1), 1, -1e-3), ValueError,
      r"outer must be > 0"),
-    ("maml/inner", lambda: mg.maml(loss, 0.1, 1, optax.adam(1e-3)), TypeError,
+    ("maml/inner-factory", lambda: mg.maml(loss, optax.sgd, 1, 0.01), TypeError,
+     r"inner got the optimizer factory sgd, not an optimizer: call it"),
+    ("reptile/outer-loss", lambda: mg.reptile(loss, 0.1, 1, loss), TypeError,
+     r"outer must be .*a function of the step count.*2 required arguments"),
+    ("maml/inner", lambda: mg.maml(loss, "sgd", 1, optax.adam(1e-3)), TypeError,
      r"inner must be an optax GradientTransformation or a metagrad InnerRule"),
     ("maml/inner_steps", lambda: mg.maml(loss, optax.sgd(0.1), -1, optax.adam(1e-3)),
      ValueError, r"inner_steps must be an integer >= 1"),
@@ -223,6 +234,11 @@ CASES = [
      r"tasks must be a pair \(task_ids, batches\)"),
     ("seq_reptile/task_ids-shape", lambda: _seq_step((jnp.zeros(3, jnp.int32), (X, Y))),
      ValueError, r"task_ids\) must have shape \(4,\) = \(inner_steps,\)"),
+    ("seq_reptile/support-query", lambda: _seq_step(((X, Y), (X, Y))), ValueError,
+     r"task_ids\) must be one int array.*not \(support, query\).*mg\.sample_tasks\("),
+    ("seq_reptile/3-arg-loss-without-pass_task_id",
+     lambda: mg.seq_reptile(seq_loss, optax.sgd(0.1), 4, 0.5), TypeError,
+     r"loss_fn takes a third argument .*pass pass_task_id=True"),
     ("seq_reptile/task_ids-float", lambda: _seq_step((jnp.zeros(4), (X, Y))), TypeError,
      r"task_ids\) must be integers"),
     ("seq_reptile/batches-K", lambda: _seq_step((jnp.zeros(4, jnp.int32), (X[:3], Y[:3]))),
@@ -290,6 +306,61 @@ CASES = [
     ("recadam/pretrained", lambda: mg.recadam(0.1, pretrained={"v": jnp.ones(3)}).init(PARAMS),
      ValueError, r"pretrained must have the same tree structure as params"),
 ]  # fmt: skip
+
+
+def test_loss_error_on_well_formed_tasks_is_the_loss_own():
+    # The tasks are fine, the loss is broken: its own error type, with a note, no tasks hint.
+    class Broken(Exception):
+        pass
+
+    def broken(params, batch):
+        raise Broken("inside the loss")
+
+    learner = mg.maml(broken, optax.sgd(0.1), 1, 0.01)
+    with pytest.raises(Broken, match="inside the loss") as info:
+        learner.step(learner.init(PARAMS), TASKS)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "loss_fn(params, batch) on task 0's support batch" in notes
+    assert "tasks must be a pair" not in str(info.value) + notes
+
+
+LEARNERS = {
+    "maml": lambda: mg.maml(loss, optax.sgd(0.1), 1, 0.01),
+    "fomaml": lambda: mg.fomaml(loss, optax.sgd(0.1), 1, 0.01),
+    "maml/meta_sgd": lambda: mg.maml(loss, mg.meta_sgd(0.1), 1, 0.01),
+    "maml/grad_share": lambda: mg.maml(loss, mg.grad_share(0.1), 1, 0.01),
+    "reptile": lambda: mg.reptile(loss, optax.sgd(0.1), 1, 0.5),
+    "imaml": lambda: mg.imaml(loss, optax.sgd(0.1), 1, 0.01),
+    "seq_reptile": lambda: mg.seq_reptile(loss, optax.sgd(0.1), 4, 0.5),
+}
+
+
+def test_non_float_params_leaf_is_named_at_init():
+    for make in LEARNERS.values():
+        for leaf in (jnp.array(1, jnp.int32), jnp.array(True)):
+            params = dict(PARAMS, n=leaf)
+            with pytest.raises(TypeError, match=r"params leaf \['n'\] has dtype .*nnx\.split"):
+                make().init(params)
+        make().init(PARAMS)  # float leaves: fine
+
+
+def test_step_given_params_names_the_state():
+    for make in LEARNERS.values():
+        with pytest.raises(TypeError, match=r"state must be the \w+State from learner\.init"):
+            make().step(PARAMS, TASKS)
+    with pytest.raises(TypeError, match=r"jax\.eval_shape\(learner\.init, params\)"):
+        LEARNERS["maml"]().step(PARAMS, TASKS)
+
+
+def test_learned_inner_rule_where_the_inner_loop_is_not_differentiated():
+    rules = {"meta_sgd": mg.meta_sgd(0.1), "learned_lr": mg.learned_lr(0.1),
+             "grad_share": mg.grad_share(0.1)}  # fmt: skip
+    for name, make in (("reptile", mg.reptile), ("seq_reptile", mg.seq_reptile),
+                       ("imaml", mg.imaml)):  # fmt: skip
+        for rule in rules.values():
+            with pytest.raises(TypeError, match=rf"mg\.{name} does not differentiate its inner "
+                               r"loop.*cannot be trained.*use mg\.maml or mg\.fomaml"):  # fmt: skip
+                make(loss, rule, 2, 0.5)
 
 
 def test_table_is_large():

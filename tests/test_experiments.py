@@ -223,6 +223,44 @@ def _counting_registry(monkeypatch, calls):
     return {"a": (module.__name__, True), "b": (module.__name__, True)}
 
 
+def test_ctrl_c_keeps_finished_results_and_latest_moves_only_after(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    module = types.ModuleType("tests._interrupted_experiment")
+    module.DESCRIPTION = "finishes, or is interrupted"
+
+    def run(out_dir, **kwargs):
+        # While a run is going on, results/latest still names the previous finished run.
+        latest = pathlib.Path("results") / "latest"
+        seen.append(latest.resolve().name if latest.exists() else None)
+        if pathlib.Path(out_dir).name == "stop":
+            raise KeyboardInterrupt
+        return [{"method": "m", "value": 1.0}]
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    registry = {"a": (module.__name__, True), "stop": (module.__name__, True)}
+    assert cli.main(["--no-progress", "--only", "a"], registry=registry) == 0
+    first = (tmp_path / "results" / "latest").resolve()
+    assert seen == [None] and (first / "results.json").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "_default_out", lambda: pathlib.Path("results") / "second")
+    assert cli.main(["--no-progress", "--only", "a,stop"], registry=registry) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err and "interrupted" in captured.out
+    assert seen[1:] == [first.name, first.name]
+    results = json.loads((tmp_path / "results" / "second" / "results.json").read_text())
+    assert results["run_status"] == "interrupted"
+    assert results["status"]["a"]["status"] == "ok"
+    assert results["status"]["stop"]["status"] == "interrupted"
+    assert [r["experiment"] for r in results["rows"]] == ["a"]
+    assert (tmp_path / "results" / "latest").resolve().name == "second"
+    # Interrupted before anything finished: latest stays on the last run with results.
+    monkeypatch.setattr(cli, "_default_out", lambda: pathlib.Path("results") / "third")
+    assert cli.main(["--no-progress", "--only", "stop"], registry=registry) == 130
+    assert (tmp_path / "results" / "latest").resolve().name == "second"
+
+
 def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys, monkeypatch):
     calls = []
     registry = _counting_registry(monkeypatch, calls)

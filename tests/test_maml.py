@@ -238,7 +238,7 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="loss_fn"):
         mg.maml(None, sgd, 1, sgd)
     with pytest.raises(TypeError, match="inner"):
-        mg.maml(quad_loss, 0.1, 1, sgd)
+        mg.maml(quad_loss, "sgd", 1, sgd)
     with pytest.raises(TypeError, match="outer"):
         mg.maml(quad_loss, sgd, 1, "adam")
     with pytest.raises(ValueError, match="multi_step_loss"):

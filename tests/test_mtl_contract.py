@@ -79,6 +79,35 @@ def test_wrapped_aggregator_says_where_it_goes(name, wrapper, fix):
     assert f"optax.chain(mg.{name}(...), {fix}" in str(info.value)
 
 
+def test_bare_masked_aggregator_raises_and_multi_transform_works():
+    # optax.masked passes the unselected leaves on unchanged, still [T, ...]: the params would
+    # change shape. Every aggregator says so and points to multi_transform, which works.
+    from tests import conformance_methods as cm
+
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones((3,))}
+    grads = jax.tree.map(lambda a: jnp.stack([a, -0.5 * a, 2.0 * a]), params)
+    losses = jnp.array([1.0, 2.0, 0.5])
+    labels = {"w": "agg", "b": "rest"}
+    methods = [m for m in cm.METHODS if m.kind == "aggregator"]
+    assert len(methods) >= 18
+    for method in methods:
+        make = functools.partial(method.make(None), **method.hyper)
+        extra = {"losses": losses} if method.losses else {}
+        bare = optax.chain(optax.masked(make(), {"w": True, "b": False}), optax.adam(0.1))
+        with pytest.raises(ValueError, match="cannot sit inside optax.masked") as info:
+            jax.eval_shape(bare.update, grads, bare.init(params), params, **extra)
+        assert "optax.multi_transform(" in str(info.value), method.name
+        split = optax.multi_transform(
+            {
+                "agg": optax.chain(make(), optax.adam(0.1)),
+                "rest": optax.chain(mg.mtl_sum(), optax.adam(0.1)),
+            },
+            labels,
+        )
+        updates, _ = jax.eval_shape(split.update, grads, split.init(params), params, **extra)
+        assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params), method.name
+
+
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 def test_already_combined_gradient_is_named(name):
     params = _params()
@@ -268,6 +297,30 @@ def test_array_hyperparameters_are_checked(make, match):
 def test_num_tasks_array_names_static_args():
     with pytest.raises(TypeError, match=r"static_args=\('num_tasks',\)"):
         optax.inject_hyperparams(mg.gradvac)(num_tasks=3).init(jnp.zeros(2))
+
+
+def test_integer_default_under_inject_hyperparams_names_static_args():
+    # inject_hyperparams turns numeric defaults into arrays; a loop length must stay static.
+    params = jnp.zeros(2)
+    cases = [
+        (lambda: optax.inject_hyperparams(mg.cagrad)(c=0.4), "max_iters"),
+        (
+            lambda: optax.inject_hyperparams(mg.nash_mtl, static_args=("num_tasks",))(num_tasks=3),
+            "update_weights_every",
+        ),
+        (
+            lambda: optax.inject_hyperparams(mg.dwa, static_args=("num_tasks",))(num_tasks=3),
+            "period",
+        ),
+    ]
+    for make, name in cases:
+        with pytest.raises(TypeError, match=rf"^{name} must be an integer >= 1, got an array"):
+            make().init(params)
+        with pytest.raises(TypeError, match=rf"inject_hyperparams pass static_args=\('{name}',\)"):
+            make().init(params)
+    # With the fix it works.
+    tx = optax.inject_hyperparams(mg.cagrad, static_args=("max_iters",))(c=0.4)
+    assert tx.init(params).hyperparams["c"] == np.float32(0.4)
 
 
 def test_traced_hyperparameter_passes_through():

@@ -260,7 +260,7 @@ def test_reptile_outer_preserves_dtype(dtype):
         (dict(outer=float("nan")), ValueError, "outer"),
         (dict(outer="fast"), TypeError, "outer"),
         (dict(reset_inner_state=1), TypeError, "reset_inner_state"),
-        (dict(inner=lambda g: g), TypeError, "inner"),
+        (dict(inner=lambda g, state: (g, state)), TypeError, "inner"),
     ],
 )
 def test_reptile_outer_bad_arguments(kwargs, error, match):

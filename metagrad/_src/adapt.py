@@ -87,7 +87,7 @@ def one_task(
 
 def adapt(
     loss_fn: Callable[[Params, Any], chex.Array],
-    inner: optax.GradientTransformation,
+    inner: float | optax.Schedule | optax.GradientTransformation,
     params: Params,
     support: Any,
     num_steps: int,
@@ -111,7 +111,8 @@ def adapt(
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       inner: the optimizer, any optax transformation (``optax.sgd(alpha)`` for
-        the classic few-shot fine-tuning).
+        the classic few-shot fine-tuning), or a step size alpha (a float or an optax
+        schedule) meaning ``optax.sgd(alpha)``.
       params: the starting params (e.g. a learned initialization).
       support: the task's support batch, a pytree of arrays.
       num_steps: K >= 1, the number of optimizer steps (static).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,6 +31,45 @@ class MetaLearner(NamedTuple):
     init: Callable[[Params], Any]
     step: Callable[[Any, Any], tuple[Any, dict[str, chex.Array]]]
     adapt: Callable[..., Params]
+
+
+def meta_learner(
+    init: Callable[[Params], Any], step: Callable, adapt: Callable, *, state_type: type
+) -> MetaLearner:
+    """The `MetaLearner` of ``init``, ``step`` (jitted here) and ``adapt``, with the checks
+    every meta-learner shares: ``init`` refuses params it cannot differentiate, ``step``
+    a state that is not the ``state_type`` from ``init`` (at trace time)."""
+
+    @functools.wraps(init)
+    def checked_init(params: Params) -> Any:
+        check_float_params(params)
+        return init(params)
+
+    @functools.wraps(step)
+    def checked_step(state: Any, tasks: Any) -> Any:
+        if not isinstance(state, state_type):
+            raise TypeError(
+                f"state must be the {state_type.__name__} from learner.init(params), got "
+                f"{type(state).__name__}: pass state = learner.init(params), not the params. "
+                "(A checkpoint restored without a target comes back as a dict: with orbax, "
+                "restore into jax.eval_shape(learner.init, params).)"
+            )
+        return step(state, tasks)
+
+    return MetaLearner(init=checked_init, step=jax.jit(checked_step), adapt=adapt)
+
+
+def check_float_params(params: Params) -> None:
+    """Every leaf of a meta-learner's params is differentiated: it must be a float."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"params leaf {jax.tree_util.keystr(path) or '(root)'} has dtype {dtype.name}: "
+                "meta-learners differentiate every leaf of params, so every leaf must be a "
+                "float. Close over non-float state in loss_fn instead (e.g. graphdef, params, "
+                "rest = nnx.split(model, nnx.Param, ...), merged inside loss_fn)"
+            )
 
 
 def as_arrays(tree: Any) -> Any:

@@ -7,6 +7,7 @@ argument to fix.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -145,9 +146,18 @@ def hyperparameter(
 
 
 def positive_int(name: str, value: Any) -> int:
-    """Returns `value` as an int after checking it is an integer >= 1 (no arrays)."""
+    """Returns `value` as an int after checking it is an integer >= 1 (no arrays).
+
+    Such a value fixes a loop length or a state's shape, so it must be known when tracing:
+    an array (e.g. a default that `optax.inject_hyperparams` turned into one) is refused with
+    the fix, ``static_args``.
+    """
     if isinstance(value, (jax.Array, np.ndarray)):
-        raise TypeError(f"{name} must be an integer >= 1, got an array")
+        raise TypeError(
+            f"{name} must be an integer >= 1, got an array of dtype {np.dtype(value.dtype)}: "
+            f"it fixes a loop length or the state's shape, so it must be a Python int. Under "
+            f"optax.inject_hyperparams pass static_args=('{name}',)"
+        )
     return hyperparameter(name, value, integer=True, low=1, low_inclusive=True)
 
 
@@ -213,35 +223,60 @@ def booleans(**flags: Any) -> None:
         boolean(name, value)
 
 
+def _check_schedule(name: str, value: Callable[..., Any]) -> None:
+    """A callable given as an optimizer must be a schedule ``count -> step size``: not an optax
+    optimizer factory (``optax.sgd`` uncalled), nor a function of other arguments (a loss)."""
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):
+        return
+    returns = signature.return_annotation
+    if (isinstance(returns, type) and issubclass(returns, optax.GradientTransformation)) or (
+        isinstance(returns, str) and "GradientTransformation" in returns
+    ):
+        what = getattr(value, "__qualname__", repr(value))
+        raise TypeError(
+            f"{name} got the optimizer factory {what}, not an optimizer: call it, e.g. "
+            f"{name}=optax.{what}(0.1), or pass a step size"
+        )
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        p for p in signature.parameters.values()
+        if p.kind in kinds and p.default is inspect.Parameter.empty
+    ]  # fmt: skip
+    if len(required) != 1:
+        raise TypeError(
+            f"{name} must be an optax GradientTransformation, or a step size > 0 (a number or an "
+            f"optax schedule, a function of the step count) meaning optax.sgd(step size); got "
+            f"{value!r}, a callable of {len(required)} required arguments"
+        )
+
+
 def as_optimizer(name: str, value: Any) -> optax.GradientTransformation:
-    """Returns `value` as an optax transformation; an `optax.MultiSteps` is converted."""
+    """An optimizer argument (``inner``, ``outer``): an optax transformation, or a step size.
+
+    The one rule for both: a float, scalar array or optax schedule η means ``optax.sgd(η)``
+    (for ``outer`` the meta-gradient is the "gradient" the optimizer receives and its update is
+    added to the initialization); an `optax.MultiSteps` is converted to its transformation.
+    """
     if isinstance(value, optax.MultiSteps):
         return value.gradient_transformation()
-    if not isinstance(value, optax.GradientTransformation):
-        raise TypeError(
-            f"{name} must be an optax GradientTransformation (or optax.MultiSteps), "
-            f"got {value!r} of type {type(value).__name__}"
-        )
-    return value
-
-
-def outer_optimizer(name: str, value: Any) -> optax.GradientTransformation:
-    """The outer optimizer of a meta-learner: an optax transformation, or a step size.
-
-    A float, scalar array or optax schedule η means ``optax.sgd(η)``: the meta-gradient is
-    the "gradient" the optimizer receives and its update is added to the initialization.
-    """
-    if isinstance(value, (optax.GradientTransformation, optax.MultiSteps)):
-        return as_optimizer(name, value)
+    if isinstance(value, optax.GradientTransformation):
+        return value
+    if callable(value):
+        _check_schedule(name, value)
     value = hyperparameter(
         name,
         value,
         low=0,
         schedule=True,
-        expected="an optax GradientTransformation, or a step size > 0 (a number or an optax "
-        "schedule) meaning optax.sgd(step size)",
+        expected="an optax GradientTransformation, or a step size > 0 (a "
+        "number or an optax schedule) meaning optax.sgd(step size)",
     )
-    return optax.scale_by_learning_rate(value)
+    return optax.scale_by_learning_rate(value)  # optax.sgd(value) without its empty chain
+
+
+outer_optimizer = as_optimizer  # its former name (outer only); one rule for inner and outer
 
 
 def axis_name(value: Any) -> Any:

@@ -14,7 +14,7 @@ from metagrad._src.maml import maml
 
 def fomaml(
     loss_fn: LossFn,
-    inner: optax.GradientTransformation | InnerRule,
+    inner: float | optax.Schedule | optax.GradientTransformation | InnerRule,
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation,
     **kwargs: Any,
@@ -29,7 +29,8 @@ def fomaml(
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
-      inner: an optax transformation or an `InnerRule`, as in `maml`.
+      inner: an optax transformation, a step size α meaning ``optax.sgd(α)``, or an
+        `InnerRule`, as in `maml`.
       inner_steps: number of inner steps (>= 1).
       outer: the optax optimizer applied to the meta-gradient, or a step size (a float or an
         optax schedule) meaning ``optax.sgd(outer)``.

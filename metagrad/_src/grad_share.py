@@ -217,8 +217,6 @@ def grad_share(
       Chang & Lipson, `Accelerating Meta-Learning by Sharing Gradients
       <https://arxiv.org/abs/2312.08398>`_, 2023.
     """
-    if isinstance(inner, (int, float)) and not isinstance(inner, bool):
-        inner = optax.sgd(_checks.positive_float("inner", inner))
     base = as_inner_rule(inner, "inner")
     _checks.one_of("normalize", normalize, ("task", "layer", "none"))
     init_momentum = _checks.finite_float("init_momentum", init_momentum)

@@ -15,10 +15,10 @@ import optax
 from metagrad._src import base as _base
 from metagrad._src import checks as _checks
 from metagrad._src.adapt import one_task
-from metagrad._src.base import LossFn, MetaLearner, Params
+from metagrad._src.base import LossFn, MetaLearner, Params, meta_learner
 from metagrad._src.hvp import hvp as _hvp
 from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
-from metagrad._src.inner_rules import as_inner_rule
+from metagrad._src.inner_rules import as_inner_rule, fixed_inner
 
 
 class IMAMLState(NamedTuple):
@@ -60,7 +60,7 @@ def conjugate_gradient(matvec, b: Any, num_steps: int) -> tuple[Any, jax.Array]:
 
 def imaml(
     loss_fn: LossFn,
-    inner: optax.GradientTransformation,
+    inner: float | optax.Schedule | optax.GradientTransformation,
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
@@ -90,9 +90,9 @@ def imaml(
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
-      inner: the optax optimizer of the inner loop (e.g. ``optax.sgd(α)``), applied per
-        task to ``∇G_t``; its state starts fresh for every task unless
-        `reset_inner_state` is False.
+      inner: the optax optimizer of the inner loop (e.g. ``optax.sgd(α)``, or the step
+        size α meaning it), applied per task to ``∇G_t``; its state starts fresh for every
+        task unless `reset_inner_state` is False.
       inner_steps: number of inner steps K (>= 1).
       outer: the optax optimizer applied to the meta-gradient (or a float / optax
         schedule, meaning ``optax.sgd(outer)``).
@@ -139,7 +139,7 @@ def imaml(
         loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
         step_loop=step_loop, reset_inner_state=reset_inner_state, alignment=alignment,
     )  # fmt: skip
-    inner = _checks.as_optimizer("inner", inner)
+    inner = fixed_inner("imaml", inner)
     rule = as_inner_rule(inner)
     lam = _checks.positive_float("lam", lam)
     cg_steps = _checks.positive_int("cg_steps", cg_steps)
@@ -242,4 +242,4 @@ def imaml(
         num_steps = inner_steps if num_steps is None else num_steps
         return adapt_jit(state, support, _checks.positive_int("num_steps", num_steps))
 
-    return MetaLearner(init=init, step=jax.jit(step), adapt=adapt)
+    return meta_learner(init, step, adapt, state_type=IMAMLState)

@@ -68,7 +68,7 @@ def check_learner(loss_fn, inner_steps, outer, *, axis_name, task_loop, step_loo
     int, an optax transformation)."""
     _checks.callable_("loss_fn", loss_fn)
     inner_steps = _checks.positive_int("inner_steps", inner_steps)
-    outer = _checks.outer_optimizer("outer", outer)
+    outer = _checks.as_optimizer("outer", outer)
     _checks.booleans(**flags)
     _checks.axis_name(axis_name)
     _loops.check(task_loop, step_loop)
@@ -118,19 +118,48 @@ def describe(tree: Any) -> str:
     return str(jax.tree.map(leaf, tree))
 
 
+def _same_form(support: Any, query: Any) -> bool:
+    """Whether support and query have one tree structure, leaf ranks and dtypes (the form
+    of a well-built ``(support, query)``; their shot counts may differ)."""
+    if jax.tree.structure(support) != jax.tree.structure(query):
+        return False
+    return all(
+        np.ndim(s) == np.ndim(q) and jnp.result_type(s) == jnp.result_type(q)
+        for s, q in zip(jax.tree.leaves(support), jax.tree.leaves(query), strict=True)
+    )
+
+
 def check_loss(loss_fn: LossFn, params: Any, tasks: Any) -> Any:
     """Traces ``loss_fn`` on task 0's support batch: checks that it applies and returns a
-    scalar; returns its jaxpr (for the "auto" strategies)."""
+    scalar; returns its jaxpr (for the "auto" strategies).
+
+    If it raises on tasks whose support and query have one form, the loss itself failed: its
+    error propagates (same type), with a note naming loss_fn and the batch. Otherwise the
+    tasks are likely not ``(support, query)``: a ValueError says so."""
     batch = jax.tree.map(lambda x: x[0], tasks[0])
     try:
         jaxpr, out = _loops.trace_loss(loss_fn, params, batch)
     except Exception as error:
+        if _same_form(*tasks):
+            # Support and query are batches of one form: the loss itself failed. Its own error,
+            # of its own type, with where it was called.
+            error.add_note(
+                "metagrad: raised by loss_fn(params, batch) on task 0's support batch, batch = "
+                f"{describe(batch)} (tasks[0] without its leading task axis)"
+            )
+            raise
         raise ValueError(
             "loss_fn(params, batch) failed on the support batch of task 0 "
             f"({type(error).__name__}: {error}). tasks must be a pair (support, query), "
             "each a batch in the form loss_fn takes with a leading task axis; got tasks = "
             f"{describe(tasks)}"
         ) from error
+    if isinstance(out, (tuple, list)):
+        raise ValueError(
+            f"loss_fn returned a {type(out).__name__} ({describe(out)}) on task 0's support "
+            "batch; loss_fn must return a scalar (no has_aux): meta-learners take "
+            "loss_fn(params, batch) -> scalar, so return the loss only"
+        )
     shape = getattr(out, "shape", None)
     if shape != ():
         raise ValueError(

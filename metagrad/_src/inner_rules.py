@@ -29,7 +29,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from metagrad._src import checks as _checks
 from metagrad._src.base import Params
@@ -67,25 +66,45 @@ class InnerRule(NamedTuple):
 
 
 def as_inner_rule(inner: Any, name: str = "inner") -> InnerRule:
-    """Returns `inner` as an `InnerRule`; an optax transformation is applied per task."""
+    """Returns `inner` as an `InnerRule`; an optax transformation is applied per task, a step
+    size η means ``optax.sgd(η)`` (`checks.as_optimizer`)."""
     if isinstance(inner, InnerRule):
         return inner
-    if isinstance(inner, optax.GradientTransformation):
+    try:
+        tx = _checks.as_optimizer(name, inner)
+    except TypeError:
+        if callable(inner):  # a callable that is no schedule: the specific message
+            raise
+        raise TypeError(
+            f"{name} must be an optax GradientTransformation or a metagrad InnerRule, or a step "
+            "size > 0 (a number or an optax schedule) meaning optax.sgd(step size), got "
+            f"{inner!r} of type {type(inner).__name__}"
+        ) from None
 
-        def init(params, num_steps):
-            del params, num_steps
-            return (), ()
+    def init(params, num_steps):
+        del params, num_steps
+        return (), ()
 
-        def update(grads, state, params, inner_params, carry, step):
-            del inner_params, step
-            updates, state = jax.vmap(inner.update)(grads, state, params)
-            return updates, state, carry
+    def update(grads, state, params, inner_params, carry, step):
+        del inner_params, step
+        updates, state = jax.vmap(tx.update)(grads, state, params)
+        return updates, state, carry
 
-        return InnerRule(init, inner.init, update)
-    raise TypeError(
-        f"{name} must be an optax GradientTransformation or a metagrad InnerRule, "
-        f"got {inner!r} of type {type(inner).__name__}"
-    )
+    return InnerRule(init, tx.init, update)
+
+
+def fixed_inner(method: str, inner: Any) -> Any:
+    """``inner`` of a learner that does not differentiate its inner loop (`reptile`,
+    `seq_reptile`, `imaml`), as an optax transformation (`checks.as_optimizer`). A learned
+    `InnerRule` could not be trained there: the error says so and where it can."""
+    if isinstance(inner, InnerRule):
+        raise TypeError(
+            f"inner must be an optax GradientTransformation (or a step size), not an InnerRule: "
+            f"mg.{method} does not differentiate its inner loop, so a learned inner rule "
+            "(meta_sgd / learned_lr / grad_share) cannot be trained there; use mg.maml or "
+            "mg.fomaml for a learned inner rule"
+        )
+    return _checks.as_optimizer("inner", inner)
 
 
 def step_index(step: jax.Array, num_steps: int) -> jax.Array:

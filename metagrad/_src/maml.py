@@ -27,7 +27,7 @@ from metagrad._src import checks as _checks
 from metagrad._src import inner_mask as _mask
 from metagrad._src import loops as _loops
 from metagrad._src import maml_pp as _pp
-from metagrad._src.base import LossFn, MetaLearner, Params
+from metagrad._src.base import LossFn, MetaLearner, Params, meta_learner
 from metagrad._src.inner_loop import check_learner, check_loss, inner_loop, start_step, task_states
 from metagrad._src.inner_rules import InnerRule, as_inner_rule
 
@@ -59,7 +59,7 @@ def _split_inexact(tree: Any) -> tuple[list, Callable[[list], Any]]:
 
 def maml(
     loss_fn: LossFn,
-    inner: optax.GradientTransformation | InnerRule,
+    inner: float | optax.Schedule | optax.GradientTransformation | InnerRule,
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
@@ -119,8 +119,9 @@ def maml(
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       inner: an optax transformation applied per task (``optax.sgd(α)`` is classic MAML;
-        its state starts fresh for every task unless `reset_inner_state` is False) or an
-        `InnerRule` (`meta_sgd`, `learned_lr`, `grad_share`).
+        its state starts fresh for every task unless `reset_inner_state` is False), a step
+        size α (a float or an optax schedule) meaning ``optax.sgd(α)``, or an `InnerRule`
+        (`meta_sgd`, `learned_lr`, `grad_share`).
       inner_steps: number of inner steps K (>= 1).
       outer: the optax optimizer applied to the meta-gradient, or a step size (a float or an
         optax schedule) meaning ``optax.sgd(outer)``.
@@ -359,4 +360,4 @@ def maml(
         num_steps = inner_steps if num_steps is None else num_steps
         return adapt_jit(state, support, _checks.positive_int("num_steps", num_steps))
 
-    return MetaLearner(init=init, step=jax.jit(step), adapt=adapt)
+    return meta_learner(init, step, adapt, state_type=MAMLState)

@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import optax
 
 from metagrad._src import base as _base
-from metagrad._src import checks as _checks
 from metagrad._src.adapt import adapt
-from metagrad._src.base import MetaLearner
+from metagrad._src.base import MetaLearner, meta_learner
 from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
-from metagrad._src.inner_rules import as_inner_rule
+from metagrad._src.inner_rules import as_inner_rule, fixed_inner
 
 Params = chex.ArrayTree
 
@@ -61,7 +60,7 @@ def reptile_init(
 
 def reptile(
     loss_fn: Callable[[Params, Any], chex.Array],
-    inner: optax.GradientTransformation,
+    inner: float | optax.Schedule | optax.GradientTransformation,
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
@@ -89,7 +88,8 @@ def reptile(
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, one task's loss on a batch.
-      inner: the inner optimizer, any optax transformation.
+      inner: the inner optimizer, any optax transformation, or a step size α (a float or
+        an optax schedule) meaning ``optax.sgd(α)``.
       inner_steps: K >= 1.
       outer: the optimizer applied to MG (its update is added to φ), or a
         float / schedule η meaning ``optax.sgd(η)``.
@@ -167,7 +167,7 @@ def reptile(
         step_loop=step_loop, batch_per_step=batch_per_step,
         reset_inner_state=reset_inner_state, alignment=alignment,
     )  # fmt: skip
-    inner = _checks.as_optimizer("inner", inner)
+    inner = fixed_inner("reptile", inner)
     rule = as_inner_rule(inner)
 
     def step_fn(state, tasks):
@@ -220,8 +220,9 @@ def reptile(
             loss_fn, inner, state.params, support, inner_steps if num_steps is None else num_steps
         )
 
-    return MetaLearner(
-        init=functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
-        step=jax.jit(step_fn),
-        adapt=jax.jit(adapt_fn, static_argnames="num_steps"),
+    return meta_learner(
+        functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
+        step_fn,
+        jax.jit(adapt_fn, static_argnames="num_steps"),
+        state_type=ReptileState,
     )

@@ -43,7 +43,7 @@ class ReptileOuterState(NamedTuple):
 
 
 def reptile_outer(
-    inner: optax.GradientTransformation,
+    inner: float | optax.Schedule | optax.GradientTransformation,
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation = 1.0,
     *,
@@ -96,7 +96,8 @@ def reptile_outer(
 
     Args:
       inner: the inner optimizer, any optax transformation (extra keyword
-        arguments given to ``update`` are forwarded to it).
+        arguments given to ``update`` are forwarded to it), or a step size α (a float
+        or an optax schedule) meaning ``optax.sgd(α)``.
       inner_steps: K, inner steps per outer update (>= 1).
       outer: the outer step size η: a float > 0, an optax schedule of the
         outer step count (0 for the first outer update), or an optax
@@ -152,7 +153,7 @@ def reptile_outer(
     exact_copy = exact_copy and float(outer) == 1.0
     # A float, array or schedule: the outer update is a scaled difference.
     cheap_outer = not isinstance(outer, (optax.GradientTransformation, optax.MultiSteps))
-    outer = _checks.outer_optimizer("outer", outer)
+    outer = _checks.as_optimizer("outer", outer)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):

@@ -13,6 +13,7 @@ References:
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import chex
@@ -24,17 +25,35 @@ import optax
 from metagrad._src import checks as _checks
 from metagrad._src import loops as _loops
 from metagrad._src.adapt import adapt, one_task
-from metagrad._src.base import MetaLearner, global_norm, keep_if_finite
+from metagrad._src.base import MetaLearner, global_norm, keep_if_finite, meta_learner
 from metagrad._src.diagnostics import mean_pairwise_cosine, task_gradients
-from metagrad._src.inner_loop import check_learner
+from metagrad._src.inner_loop import check_learner, describe
+from metagrad._src.inner_rules import fixed_inner
 from metagrad._src.reptile import ReptileState, reptile_init
 
 Params = chex.ArrayTree
 
+_FORMAT = (
+    "seq_reptile takes tasks = (task_ids[K], batches[K, ...]), one trajectory of K = "
+    "inner_steps batches, not (support, query); draw the ids with "
+    "mg.sample_tasks(key, mg.task_probs(sizes, q), K) and stack batch k of task task_ids[k] "
+    "as slice k"
+)
+
+
+def _required_positional(fn: Callable[..., chex.Array]) -> int:
+    """The number of positional parameters of ``fn`` without a default (0 if unknown)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in parameters)
+
 
 def seq_reptile(
     loss_fn: Callable[..., chex.Array],
-    inner: optax.GradientTransformation,
+    inner: float | optax.Schedule | optax.GradientTransformation,
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
@@ -73,7 +92,8 @@ def seq_reptile(
         learner, or ``loss_fn(params, batch, task_id)`` with
         ``pass_task_id=True`` (``task_id`` an int32 scalar, e.g. to pick a task
         head).
-      inner: the inner optimizer, any optax transformation.
+      inner: the inner optimizer, any optax transformation, or a step size α (a float or
+        an optax schedule) meaning ``optax.sgd(α)``.
       inner_steps: K >= 1, the trajectory length (``task_ids`` has K entries).
       outer: the optimizer applied to MG (its update is added to φ), or a
         float / schedule η meaning ``optax.sgd(η)``.
@@ -142,7 +162,13 @@ def seq_reptile(
         step_loop=step_loop, reset_inner_state=reset_inner_state, pass_task_id=pass_task_id,
         alignment=alignment,
     )  # fmt: skip
-    inner = _checks.as_optimizer("inner", inner)
+    inner = fixed_inner("seq_reptile", inner)
+    if not pass_task_id and _required_positional(loss_fn) >= 3:
+        raise TypeError(
+            "loss_fn takes a third argument (the task id?) but pass_task_id=False: "
+            "pass pass_task_id=True for loss_fn(params, batch, task_id), or take "
+            "loss_fn(params, batch)"
+        )
     if alignment and inner_steps < 2:
         raise ValueError("alignment=True needs inner_steps >= 2 batches to compare, got 1")
 
@@ -154,12 +180,16 @@ def seq_reptile(
 
     def step_fn(state, tasks):
         if not isinstance(tasks, (tuple, list)) or len(tasks) != 2:
-            raise TypeError("tasks must be a pair (task_ids, batches)")
+            raise TypeError(f"tasks must be a pair (task_ids, batches); {_FORMAT}")
         task_ids, batches = tasks
+        if not isinstance(task_ids, (jax.Array, np.ndarray)):
+            raise ValueError(
+                f"tasks[0] (task_ids) must be one int array, got {describe(task_ids)}: {_FORMAT}"
+            )
         if np.shape(task_ids) != (inner_steps,):
             raise ValueError(
                 f"tasks[0] (task_ids) must have shape ({inner_steps},) = (inner_steps,), "
-                f"got {np.shape(task_ids)}"
+                f"got {np.shape(task_ids)}; {_FORMAT}"
             )
         if not jnp.issubdtype(jnp.result_type(task_ids), jnp.integer):
             raise TypeError(
@@ -224,8 +254,9 @@ def seq_reptile(
             support = (jnp.zeros([], jnp.int32), support)
         return adapt(tagged_loss, inner, state.params, support, num_steps)
 
-    return MetaLearner(
-        init=functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
-        step=jax.jit(step_fn),
-        adapt=jax.jit(adapt_fn, static_argnames="num_steps"),
+    return meta_learner(
+        functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
+        step_fn,
+        jax.jit(adapt_fn, static_argnames="num_steps"),
+        state_type=ReptileState,
     )

@@ -4,8 +4,8 @@ An aggregator maps per-task gradients stacked on a leading task axis (leaves ``[
 to one combined gradient (leaves ``[*shape]``). Because it changes the updates' shapes it can
 only sit at the head of an optax chain: wrappers that re-run their inner transformation on
 updates of the params' shape (`optax.apply_if_finite`'s skip branch, `optax.MultiSteps`'
-accumulator) cannot wrap it. `check_task_axis` recognises those placements and says what to
-write instead.
+accumulator) cannot wrap it, and a bare `optax.masked` would pass the unselected leaves on
+still stacked. `check_task_axis` recognises those placements and says what to write instead.
 """
 
 from __future__ import annotations
@@ -31,11 +31,6 @@ EXACT = jax.lax.Precision.HIGHEST
 
 def num_tasks_arg(value: Any) -> int:
     """`num_tasks`, a Python int >= 1 (it fixes the shapes of the state)."""
-    if isinstance(value, (jax.Array, np.ndarray)):
-        raise TypeError(
-            f"num_tasks must be a Python int, got an array {value!r}: it fixes the shapes of the "
-            "state. Under optax.inject_hyperparams pass static_args=('num_tasks',)"
-        )
     return _checks.positive_int("num_tasks", value)
 
 
@@ -64,18 +59,33 @@ _PLACEMENT_HELP = {
         "aggregator then combines each mini-batch's task gradients and MultiSteps averages the "
         "combined gradients"
     ),
+    "optax.masked": (
+        "optax.masked hides the unselected leaves from the aggregator and passes them on "
+        "unchanged, still stacked on the task axis [T, ...], so those params would change "
+        "shape. Give every leaf to exactly one aggregator instead: optax.multi_transform("
+        "{{'agg': optax.chain(mg.{name}(...), opt), 'rest': optax.chain(mg.mtl_sum(...), "
+        "opt)}}, labels), labels a pytree like params of 'agg' / 'rest'"
+    ),
 }
+
+
+_PARTITION_UPDATES = ("partition.<locals>.update", "multi_transform.<locals>.update")
 
 
 def _enclosing_optax_wrapper() -> str | None:
     """The optax wrapper whose `update` is running this call, if any (trace-time only).
 
     optax gives a transformation no way to know its context, so this reads the caller frames
-    for the qualified names of `optax.apply_if_finite`'s and `optax.MultiSteps`' update
-    functions. It only chooses an error message; if optax renames them (or on Python 3.10,
-    without `co_qualname`) the user gets optax's own error instead.
+    for the qualified names of `optax.apply_if_finite`'s, `optax.MultiSteps`' and
+    `optax.masked`'s update functions. `optax.multi_transform` (`optax.partition`) runs each
+    group's transformation through one `optax.masked`, a correct placement since every leaf
+    then reaches exactly one group; so `optax.masked` counts only when there are more masked
+    frames than partition frames (a bare `optax.masked`). This only chooses an error message;
+    if optax renames them (or on Python 3.10, without `co_qualname`) the user gets optax's own
+    error instead.
     """
     frame = sys._getframe(1)
+    masked = partitions = 0
     while frame is not None:
         if frame.f_globals.get("__name__", "").startswith("optax"):
             qualname = getattr(frame.f_code, "co_qualname", "")
@@ -83,8 +93,12 @@ def _enclosing_optax_wrapper() -> str | None:
                 return "optax.apply_if_finite"
             if qualname.startswith("MultiSteps.update"):
                 return "optax.MultiSteps"
+            if qualname.startswith("masked.<locals>.update"):
+                masked += 1
+            if qualname.startswith(_PARTITION_UPDATES):
+                partitions += 1
         frame = frame.f_back
-    return None
+    return "optax.masked" if masked > partitions else None
 
 
 def check_task_axis(
