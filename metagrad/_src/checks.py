@@ -276,9 +276,6 @@ def as_optimizer(name: str, value: Any) -> optax.GradientTransformation:
     return optax.scale_by_learning_rate(value)  # optax.sgd(value) without its empty chain
 
 
-outer_optimizer = as_optimizer  # its former name (outer only); one rule for inner and outer
-
-
 def axis_name(value: Any) -> Any:
     """Returns `value` after checking it can name a mapped axis (`jax.shard_map`, `jax.pmap`)."""
     if value is not None and not isinstance(value, str):
