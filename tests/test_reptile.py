@@ -1,7 +1,6 @@
 """Tests for metagrad/reptile.py: `reptile_outer` and the parallel meta-learner `reptile`."""
 
 import functools
-import os
 import subprocess
 import sys
 
@@ -492,7 +491,9 @@ def test_reptile_bad_tasks():
 
 _MULTI_DEVICE_SCRIPT = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
 import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import metagrad as mg
@@ -551,7 +552,6 @@ def test_reptile_and_seq_reptile_multi_device_match_single_device():
         capture_output=True,
         text=True,
         timeout=600,
-        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MULTI-DEVICE OK" in result.stdout
