@@ -422,7 +422,7 @@ BAD = [
     ("cagrad/rescale", lambda: mg.cagrad(rescale=1), ValueError, r"rescale must be one of"),
     ("nash_mtl/num_tasks", lambda: mg.nash_mtl(0), ValueError, r"num_tasks must be"),
     ("nash_mtl/num_tasks-array", lambda: mg.nash_mtl(jnp.array(3)), TypeError,
-     r"num_tasks must be a Python int"),
+     r"num_tasks must be an integer >= 1, got an array.*must be a Python int"),
     ("nash_mtl/max_norm", lambda: mg.nash_mtl(2, max_norm=-1.0), ValueError,
      r"max_norm must be >= 0"),
     ("nash_mtl/update_weights_every", lambda: mg.nash_mtl(2, update_weights_every=0),

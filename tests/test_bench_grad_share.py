@@ -28,6 +28,7 @@ def test_frozen_rule_keeps_its_parameters_and_learned_one_moves():
     np.testing.assert_array_equal(frozen.inner_params.gate, 0.0)
     np.testing.assert_array_equal(frozen.inner_params.momentum, 0.0)
     assert np.all(np.asarray(learned.inner_params.gate) != 0.0)
-    # Frozen or not, the forward arithmetic is the same: the same running average G.
+    # Frozen or not, the forward arithmetic is the same: the same running average G (to float32
+    # rounding: the two are different compiled programs).
     for a, b in zip(jax.tree.leaves(frozen.carry), jax.tree.leaves(learned.carry), strict=True):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -33,8 +33,8 @@ def test_order_switches_at_exactly_n_and_compiles_once(x64):
         got, _ = annealed.step(state, tasks)
         want = (fo if count < n else so).step(state, tasks)[0]
         other = (so if count < n else fo).step(state, tasks)[0]
-        diff = lambda a, b: max(  # noqa: E731
-            float(np.max(np.abs(u - v)))
+        diff = lambda a, b: max(  # noqa: E731 - relative: the params grow to ~1e8 here
+            float(np.max(np.abs(u - v)) / max(1.0, np.max(np.abs(v))))
             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
         )
         assert diff(got.params, want.params) <= 1e-12, count
