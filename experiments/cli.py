@@ -91,8 +91,9 @@ def build_parser(experiments: dict[str, Experiment]) -> argparse.ArgumentParser:
         "--budget",
         choices=BUDGET_NAMES,
         default="quick",
-        help="tiny: seconds (tests); quick: the default suite in about 5 minutes on 2 CPU "
-        "cores; full: the papers' lengths (default: %(default)s)",
+        help="tiny: the smallest settings, for the tests (mostly compile time); quick: the "
+        "default suite (README: its time on 2 CPU cores); full: the papers' lengths "
+        "(default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default: %(default)s)")
     parser.add_argument(
