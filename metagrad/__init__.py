@@ -21,6 +21,7 @@ from metagrad._src.hvp import fd_step as fd_step
 from metagrad._src.hvp import hvp as hvp
 from metagrad._src.imaml import IMAMLState as IMAMLState
 from metagrad._src.imaml import imaml as imaml
+from metagrad._src.inner_loop import LearnerOptions as LearnerOptions
 from metagrad._src.inner_rules import InnerRule as InnerRule
 from metagrad._src.inner_rules import learned_lr as learned_lr
 from metagrad._src.inner_rules import meta_sgd as meta_sgd
@@ -82,6 +83,7 @@ __all__ = [
     "GradVacState",
     "IMAMLState",
     "InnerRule",
+    "LearnerOptions",
     "MAMLState",
     "MetaLearner",
     "NashMTLState",

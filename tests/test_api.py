@@ -6,6 +6,7 @@ learner of that family to it, and every learner (Sequential Reptile too) to the 
 """
 
 import inspect
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +157,35 @@ def test_every_learner_accepts_the_shared_keywords(name):
 def test_shared_keywords_are_checked_alike(name, keyword, value, error):
     with pytest.raises(error, match=keyword):
         getattr(mg, name)(_loss, optax.sgd(0.1), 2, 0.1, **{keyword: value})
+
+
+@pytest.mark.parametrize("name", ALL_LEARNERS)
+def test_an_unknown_keyword_is_refused_as_python_would(name):
+    # fomaml forwards its keywords to maml, which names itself (as before the shared keywords).
+    called = "maml" if name == "fomaml" else name
+    with pytest.raises(
+        TypeError, match=rf"^{called}\(\) got an unexpected keyword argument 'xyz'$"
+    ):
+        getattr(mg, name)(_loss, optax.sgd(0.1), 2, 0.1, xyz=True)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_LEARNERS if n != "fomaml"])
+def test_the_shared_keywords_are_documented_in_every_learner(name):
+    """The documentation of `mg.LearnerOptions` stands in each learner's Args, in place of
+    ``**options``, with the same text (one source). (fomaml's Args refer to maml's.)"""
+    doc = inspect.getdoc(getattr(mg, name))
+    shared = inspect.getdoc(mg.LearnerOptions)
+    args = doc.split("Args:", 1)[1].split("Returns:", 1)[0]
+    assert "**options" not in doc
+    for keyword in SHARED:
+        entry = f"  {keyword}: "
+        assert args.count(entry) == 1, (name, keyword)
+        first_line = args.split(entry, 1)[1].splitlines()[0]
+        assert first_line in shared, (name, keyword)
+    assert typing.get_type_hints(mg.LearnerOptions) == {
+        "reset_inner_state": bool, "alignment": bool, "axis_name": str | None,
+        "task_loop": str, "step_loop": str,
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", LEARNERS)

@@ -248,7 +248,7 @@ CASES = [
      ValueError, r"num_steps must be an integer >= 1"),
     ("adapt/batch_per_step",
      lambda: mg.adapt(loss, optax.sgd(0.1), PARAMS, (X, Y), 3, batch_per_step=True),
-     ValueError, r"support must have a leading axis of num_steps = 3"),
+     ValueError, r"support leaves must have leading axes \[num_steps = 3, ...\], got a leaf"),
     # task samplers
     ("task_probs/empty", lambda: mg.task_probs([]), ValueError, r"sizes must not be empty"),
     ("task_probs/2d", lambda: mg.task_probs([[1, 2]]), ValueError,

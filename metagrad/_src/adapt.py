@@ -21,26 +21,12 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from metagrad._src import checks as _checks
 from metagrad._src.base import Params, to_varying
 from metagrad._src.inner_loop import inner_loop
 from metagrad._src.inner_rules import as_inner_rule
-
-
-def _check_leading_axis(name: str, tree: Any, size: int, what: str) -> None:
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        raise ValueError(f"{name} must contain at least one array")
-    for leaf in leaves:
-        shape = np.shape(leaf)
-        if not shape or shape[0] != size:
-            raise ValueError(
-                f"{name} must have a leading axis of {what} = {size} on every leaf, "
-                f"got a leaf of shape {shape}"
-            )
 
 
 def one_task(
@@ -148,7 +134,7 @@ def adapt(
     inner = _checks.as_optimizer("inner", inner)
     num_steps = _checks.positive_int("num_steps", num_steps)
     if batch_per_step:
-        _check_leading_axis("support", support, num_steps, "num_steps")
+        _checks.stacked("support", support, (num_steps,), f"[num_steps = {num_steps}, ...]")
     if inner_state is None:
         inner_state = inner.init(params)
     params, _, losses = one_task(

@@ -17,8 +17,16 @@ from metagrad._src import checks as _checks
 from metagrad._src.adapt import one_task
 from metagrad._src.base import LossFn, MetaLearner, Params, meta_learner
 from metagrad._src.hvp import hvp as _hvp
-from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
+from metagrad._src.inner_loop import (
+    LearnerOptions,
+    check_learner,
+    inner_loop,
+    learner_options,
+    start_step,
+    task_states,
+)
 from metagrad._src.inner_rules import as_inner_rule, fixed_inner
+from metagrad._src.options import Unpack
 
 
 class IMAMLState(NamedTuple):
@@ -58,6 +66,7 @@ def conjugate_gradient(matvec, b: Any, num_steps: int) -> tuple[Any, jax.Array]:
     return x, jnp.sqrt(rr / jnp.where(rr0 > 0, rr0, 1.0))
 
 
+@learner_options
 def imaml(
     loss_fn: LossFn,
     inner: float | optax.Schedule | optax.GradientTransformation,
@@ -66,11 +75,7 @@ def imaml(
     *,
     lam: float = 1.0,
     cg_steps: int = 5,
-    reset_inner_state: bool = True,
-    alignment: bool = False,
-    axis_name: str | None = None,
-    task_loop: str = "auto",
-    step_loop: str = "auto",
+    **options: Unpack[LearnerOptions],
 ) -> MetaLearner:
     r"""Implicit MAML: a proximal inner loop and its implicit meta-gradient.
 
@@ -99,17 +104,9 @@ def imaml(
       lam: the proximal regularization strength λ > 0 (default 1.0, a starting point: the
         paper tunes λ per benchmark).
       cg_steps: conjugate-gradient iterations per task (>= 1; default 5).
-      reset_inner_state: if True (default) the inner optimizer state is fresh at every
-        outer step (``None`` in the state); if False the state reached at the end of an
-        outer step's inner loops, averaged over tasks, starts the next one.
-      alignment: if True, ``metrics["alignment"]`` is the mean pairwise cosine between the
-        tasks' support gradients at φ (needs >= 2 tasks).
-      axis_name: data parallelism over the task batch (`jax.pmap` / `jax.shard_map` with
-        this axis name, each device holding a slice of the tasks): the meta-gradient and
-        the metrics are averaged over the axis, so every device applies the same update.
-      task_loop: ``"vmap"``, ``"map"``, ``"unroll"`` or ``"auto"``, as in `metagrad.maml`
-        (each task's inner loop and CG solve run as one per-task program).
-      step_loop: ``"scan"``, ``"unroll"`` or ``"auto"``: how the inner steps run.
+      **options: the keywords every meta-learner shares, `LearnerOptions`.
+
+    ``task_loop`` runs each task's inner loop and CG solve as one per-task program.
 
     Returns:
       A `MetaLearner`: ``init(params) -> IMAMLState``; ``step(state, (support, query)) ->
@@ -135,10 +132,7 @@ def imaml(
       Rajeswaran et al., `Meta-Learning with Implicit Gradients
       <https://arxiv.org/abs/1909.04630>`_, NeurIPS 2019.
     """
-    inner_steps, outer = check_learner(
-        loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
-        step_loop=step_loop, reset_inner_state=reset_inner_state, alignment=alignment,
-    )  # fmt: skip
+    inner_steps, outer, opts = check_learner("imaml", loss_fn, inner_steps, outer, options)
     inner = fixed_inner("imaml", inner)
     rule = as_inner_rule(inner)
     lam = _checks.positive_float("lam", lam)
@@ -150,7 +144,7 @@ def imaml(
         return IMAMLState(
             params=params,
             outer_state=outer.init(params),
-            inner_state=None if reset_inner_state else inner.init(params),
+            inner_state=None if opts.reset_inner_state else inner.init(params),
             count=jnp.zeros((), jnp.int32),
         )
 
@@ -181,20 +175,20 @@ def imaml(
 
     def step(state, tasks):
         support, query, run_tasks, step_mode = start_step(
-            loss_fn, state.params, tasks, alignment=alignment, task_loop=task_loop,
-            step_loop=step_loop, num_steps=inner_steps,
+            loss_fn, state.params, tasks, alignment=opts.alignment, task_loop=opts.task_loop,
+            step_loop=opts.step_loop, num_steps=inner_steps,
         )  # fmt: skip
         # Device-varying params: gradients taken on each device's tasks stay local until
         # the pmean below (see metagrad.maml).
-        phi = _base.to_varying(state.params, axis_name)
+        phi = _base.to_varying(state.params, opts.axis_name)
         istate0 = task_states(
-            inner.init, phi, state.inner_state, run_tasks.num_tasks, reset=reset_inner_state,
-            axis_name=axis_name,
+            inner.init, phi, state.inner_state, run_tasks.num_tasks,
+            reset=opts.reset_inner_state, axis_name=opts.axis_name,
         )  # fmt: skip
         # The proximal inner loop: θ_t* ≈ argmin L_t^s(θ) + (λ/2)‖θ − φ‖², never differentiated.
         thetas, istate, _, inner_outs = inner_loop(
             loss_fn, rule, phi, (), (), istate0, support, None, inner_steps,
-            task_loop=run_tasks.mode, step_loop=step_mode, alignment=alignment,
+            task_loop=run_tasks.mode, step_loop=step_mode, alignment=opts.alignment,
             value_and_grad=prox_value_and_grad(phi),
         )  # fmt: skip
         grads, outs = run_tasks.map(
@@ -207,19 +201,19 @@ def imaml(
         # gradients are those of L^s at φ.
         loss_pre = jnp.mean(inner_outs["support_loss"][0])
         metrics = {"loss": loss, "loss_pre": loss_pre, "loss_post": loss}
-        if alignment:
+        if opts.alignment:
             metrics["alignment"] = inner_outs["alignment"]
         worst = {"cg_residual": jnp.max(outs["cg_residual"]),
                  "prox_grad_norm": jnp.max(outs["prox_grad_norm"])}  # fmt: skip
-        if axis_name is not None:
-            grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
-            worst = jax.lax.pmax(worst, axis_name)
+        if opts.axis_name is not None:
+            grads, metrics = jax.lax.pmean((grads, metrics), opts.axis_name)
+            worst = jax.lax.pmax(worst, opts.axis_name)
         metrics["meta_grad_norm"] = _base.global_norm(grads)
         metrics.update(worst)
         updates, outer_state = outer.update(grads, state.outer_state, state.params)
         kept = None
-        if not reset_inner_state:
-            kept = _base.mean_over_tasks(istate, axis_name)
+        if not opts.reset_inner_state:
+            kept = _base.mean_over_tasks(istate, opts.axis_name)
             kept = _base.keep_if_finite(kept, state.inner_state)
         new_state = IMAMLState(
             params=optax.apply_updates(state.params, updates),
@@ -230,7 +224,7 @@ def imaml(
         return new_state, metrics
 
     def adapt_fn(state, support, num_steps):
-        istate = inner.init(state.params) if reset_inner_state else state.inner_state
+        istate = inner.init(state.params) if opts.reset_inner_state else state.inner_state
         value_and_grad = prox_value_and_grad(state.params)
         return one_task(
             loss_fn, inner, state.params, istate, support, num_steps, value_and_grad=value_and_grad

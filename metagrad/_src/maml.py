@@ -28,8 +28,17 @@ from metagrad._src import inner_mask as _mask
 from metagrad._src import loops as _loops
 from metagrad._src import maml_pp as _pp
 from metagrad._src.base import LossFn, MetaLearner, Params, meta_learner
-from metagrad._src.inner_loop import check_learner, check_loss, inner_loop, start_step, task_states
+from metagrad._src.inner_loop import (
+    LearnerOptions,
+    check_learner,
+    check_loss,
+    inner_loop,
+    learner_options,
+    start_step,
+    task_states,
+)
 from metagrad._src.inner_rules import InnerRule, as_inner_rule
+from metagrad._src.options import Unpack
 
 
 class MAMLState(NamedTuple):
@@ -57,6 +66,7 @@ def _split_inexact(tree: Any) -> tuple[list, Callable[[list], Any]]:
     return [leaves[i] for i in where], merge
 
 
+@learner_options
 def maml(
     loss_fn: LossFn,
     inner: float | optax.Schedule | optax.GradientTransformation | InnerRule,
@@ -66,12 +76,8 @@ def maml(
     first_order: bool | int = False,
     multi_step_loss: None | int | Callable[[jax.Array], jax.Array] = None,
     remat: bool = False,
-    reset_inner_state: bool = True,
-    alignment: bool = False,
-    axis_name: str | None = None,
-    task_loop: str = "auto",
-    step_loop: str = "auto",
     inner_mask: Any = None,
+    **options: Unpack[LearnerOptions],
 ) -> MetaLearner:
     r"""Model-agnostic meta-learning (MAML) as a jitted meta-step.
 
@@ -141,26 +147,6 @@ def maml(
         backward pass of second-order MAML keeps only the per-step params (and rule state)
         instead of every step's activations, at the cost of recomputing each inner step's
         forward pass.
-      reset_inner_state: if True (default) the inner optimizer state is fresh at every outer
-        step; if False the state reached at the end of an outer step's inner loop, averaged
-        over tasks (a choice: tasks change every outer step), starts the next one.
-      alignment: if True, `metrics["alignment"]` is the mean pairwise cosine similarity
-        between the tasks' support gradients at the first inner step.
-      axis_name: for data parallelism over the task batch (`jax.pmap` / `shard_map` with
-        this axis name, each device holding a slice of the tasks): the meta-gradient, the
-        metrics and a kept inner state are averaged over the axis with `jax.lax.pmean`, so
-        every device applies the same update. An inner rule that averages over tasks
-        (`metagrad.grad_share`) takes the same ``axis_name``. Correct under `jax.pmap` and
-        under `jax.shard_map` with or without ``check_vma`` (the params are marked
-        device-varying before differentiation, so JAX does not sum their gradient over
-        devices behind the pmean).
-      task_loop: how the tasks of a batch are executed: ``"vmap"`` (one batched program),
-        ``"map"`` (`jax.lax.map`, a loop over tasks), ``"unroll"`` (one copy of the
-        per-task program per task, each task's params a separate pytree: no grouped
-        convolutions) or ``"auto"`` (default, below). The inner rule still sees the whole
-        task batch at each step (its inputs are stacked along the task axis).
-      step_loop: how the inner steps are executed: ``"scan"`` (`jax.lax.scan`),
-        ``"unroll"`` (one copy per step) or ``"auto"`` (default, below).
       inner_mask: ``None`` (adapt every parameter) or the leaves the inner loop adapts, as
         in `optax.masked`: a pytree of bools with the structure of params (or of a prefix of
         it, a bool then standing for a whole subtree), or a function ``params -> mask``.
@@ -171,30 +157,7 @@ def maml(
         loss. The inner rule sees only the selected leaves: its learned parameters
         (Meta-SGD rates, ...) and state exist for them only, and ``alignment`` is
         measured on their gradients. With every leaf selected the step equals plain MAML.
-
-    Execution strategies: every (`task_loop`, `step_loop`) pair computes the same numbers
-    (tested to 1e-10 in float64); they differ in speed, compile time and memory.
-    ``"auto"`` is resolved when the step is traced, from the backend
-    (`jax.default_backend`), the number of tasks T, the number of inner steps K and the
-    jaxpr of ``loss_fn`` on one task's batch (whether it contains a convolution, its size):
-
-    - CPU: ``task_loop="unroll"`` if the loss contains a convolution, else ``"vmap"``
-      (vmapping a convolution over per-task weights makes a grouped convolution, which
-      XLA's CPU backend runs several times slower than T plain ones, and a convolution
-      inside a loop body (``"map"``, ``"scan"``) is slower too; small dense models are
-      faster batched); with unrolled tasks, ``step_loop="unroll"`` while the unrolled
-      program stays small: K × T × (the number of equations in the loss's jaxpr) <= 2600,
-      about 40 copies of a Conv-4 step; else ``"scan"`` (compile time grows linearly with
-      the unrolled size). With batched tasks, ``"scan"``: unrolled steps there only add
-      buffers (a 12M-parameter dense Reptile step: 8.8x the parameters' bytes of
-      temporaries unrolled, 5.4x with a scan).
-    - GPU / TPU: ``task_loop="vmap"``, ``step_loop="scan"`` (the conventional batched
-      program; not measured by us).
-
-    Measured (CPU time per second-order step, Conv-4 with 32 channels, 5-way 1-shot, 15
-    queries, 4 tasks, on a 2-core CPU): K = 5, tasks/steps unroll/unroll 0.86 s (a
-    hand-written unrolled JAX step 0.85 s), unroll/scan 2.2 s, vmap/scan 4.6 s; K = 10,
-    unroll/unroll 1.2 s after 48 s of compilation, unroll/scan 3.2 s after 20 s.
+      **options: the keywords every meta-learner shares, `LearnerOptions`.
 
     Returns:
       A `MetaLearner`: ``init(params) -> MAMLState``; ``step(state, (support, query)) ->
@@ -217,11 +180,9 @@ def maml(
       Finn et al., `Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks
       <https://arxiv.org/abs/1703.03400>`_, 2017.
     """
-    inner_steps, outer = check_learner(
-        loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
-        step_loop=step_loop, remat=remat, reset_inner_state=reset_inner_state,
-        alignment=alignment,
-    )  # fmt: skip
+    inner_steps, outer, opts = check_learner(
+        "maml", loss_fn, inner_steps, outer, options, remat=remat
+    )
     rule = as_inner_rule(inner, "inner")
     first_order, anneal_order = _pp.derivative_order(first_order)
     weights_fn = _pp.multi_step_weights(multi_step_loss, inner_steps)
@@ -243,7 +204,7 @@ def maml(
 
     def init(params):
         inner_params, carry = rule.init(adapted(params)[0], inner_steps)
-        inner_state = None if reset_inner_state else rule.init_state(adapted(params)[0])
+        inner_state = None if opts.reset_inner_state else rule.init_state(adapted(params)[0])
         return MAMLState(
             params=params,
             inner_params=inner_params,
@@ -256,16 +217,16 @@ def maml(
     def start_state(state, num_tasks, axis_name):
         return task_states(
             rule.init_state, adapted(state.params)[0], state.inner_state, num_tasks,
-            reset=reset_inner_state, axis_name=axis_name,
+            reset=opts.reset_inner_state, axis_name=axis_name,
         )  # fmt: skip
 
     def step(state, tasks):
         support, query, run_tasks, step_mode = start_step(
-            loss_fn, state.params, tasks, alignment=alignment, task_loop=task_loop,
-            step_loop=step_loop, num_steps=inner_steps,
+            loss_fn, state.params, tasks, alignment=opts.alignment, task_loop=opts.task_loop,
+            step_loop=opts.step_loop, num_steps=inner_steps,
         )  # fmt: skip
         carry0, restore_carry = loop_carry(jax.lax.stop_gradient(state.carry))
-        istate0 = start_state(state, run_tasks.num_tasks, axis_name)
+        istate0 = start_state(state, run_tasks.num_tasks, opts.axis_name)
         if step_query:
             weights = _pp.step_weights(weights_fn, state.count, inner_steps)
 
@@ -286,7 +247,7 @@ def maml(
             params_t, istate, carry, outs = inner_loop(
                 task_loss, rule, params, inner_params, carry0, istate0,
                 support, query, inner_steps, first_order=first_order, remat=remat,
-                step_query=step_query, alignment=alignment, task_loop=run_tasks.mode,
+                step_query=step_query, alignment=opts.alignment, task_loop=run_tasks.mode,
                 step_loop=step_mode,
             )  # fmt: skip
             if step_query:
@@ -296,7 +257,7 @@ def maml(
                 post = loss = jnp.mean(run_tasks.map(task_loss, params_t, query, False))
             metrics = {"loss": loss, "loss_pre": jnp.mean(outs["support_loss"][0])}
             metrics["loss_post"] = post
-            if alignment:
+            if opts.alignment:
                 metrics["alignment"] = outs["alignment"]
             return loss, (metrics, istate, carry)
 
@@ -308,7 +269,9 @@ def maml(
         def value_and_grad(order):
             grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
             value, (grads, _) = grad_fn(
-                _base.to_varying(diff, axis_name), _base.to_varying(carry_floats, axis_name), order
+                _base.to_varying(diff, opts.axis_name),
+                _base.to_varying(carry_floats, opts.axis_name),
+                order,
             )
             return value, grads
 
@@ -321,13 +284,13 @@ def maml(
             )
         else:
             (_, (metrics, istate, carry)), grads = value_and_grad(first_order)
-        istate = None if reset_inner_state else _base.mean_over_tasks(istate, axis_name)
-        if axis_name is not None:
-            grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+        istate = None if opts.reset_inner_state else _base.mean_over_tasks(istate, opts.axis_name)
+        if opts.axis_name is not None:
+            grads, metrics = jax.lax.pmean((grads, metrics), opts.axis_name)
         metrics["meta_grad_norm"] = _base.global_norm(grads)
         updates, outer_state = outer.update(grads, state.outer_state, diff)
         params, inner_params = optax.apply_updates(diff, updates)
-        carry = _base.to_invariant(jax.lax.stop_gradient(carry), axis_name)
+        carry = _base.to_invariant(jax.lax.stop_gradient(carry), opts.axis_name)
         new_state = MAMLState(
             params=params,
             inner_params=inner_params,
@@ -345,7 +308,9 @@ def maml(
         istate = start_state(state, 1, None)  # outside the device axis
         carry, _ = loop_carry(eval_carry(state.carry))
         jaxpr = check_loss(loss_fn, state.params, (support, support))
-        loops = _loops.resolve(task_loop, step_loop, num_tasks=1, num_steps=num_steps, jaxpr=jaxpr)
+        loops = _loops.resolve(
+            opts.task_loop, opts.step_loop, num_tasks=1, num_steps=num_steps, jaxpr=jaxpr
+        )
         params, merge = adapted(state.params)
         params_t, *_ = inner_loop(
             bound(merge), rule, params, state.inner_params, carry, istate,

@@ -21,8 +21,16 @@ import optax
 from metagrad._src import base as _base
 from metagrad._src.adapt import adapt
 from metagrad._src.base import MetaLearner, meta_learner
-from metagrad._src.inner_loop import check_learner, inner_loop, start_step, task_states
+from metagrad._src.inner_loop import (
+    LearnerOptions,
+    check_learner,
+    inner_loop,
+    learner_options,
+    start_step,
+    task_states,
+)
 from metagrad._src.inner_rules import as_inner_rule, fixed_inner
+from metagrad._src.options import Unpack
 
 Params = chex.ArrayTree
 
@@ -58,6 +66,7 @@ def reptile_init(
     )
 
 
+@learner_options
 def reptile(
     loss_fn: Callable[[Params, Any], chex.Array],
     inner: float | optax.Schedule | optax.GradientTransformation,
@@ -65,11 +74,7 @@ def reptile(
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
     batch_per_step: bool = False,
-    reset_inner_state: bool = True,
-    alignment: bool = False,
-    axis_name: str | None = None,
-    task_loop: str = "auto",
-    step_loop: str = "auto",
+    **options: Unpack[LearnerOptions],
 ) -> MetaLearner:
     """Parallel (meta-batch) Reptile as a jitted meta-step.
 
@@ -97,30 +102,10 @@ def reptile(
         (default): every support leaf is ``[T, ...]`` and task t reuses its
         batch at all K steps; True: support leaves are ``[T, K, ...]`` and
         step k uses batch k.
-      reset_inner_state: True (default): every task of every outer step starts
-        from ``inner.init(φ)``, the usual Reptile. False: one inner state is
-        carried across outer steps; each task starts from it and the next one
-        is the mean over tasks of their final states (float leaves averaged,
-        integer counts kept). Our choice: a serial Reptile that never resets
-        its optimizer, made parallel.
-      alignment: if True, ``metrics["alignment"]`` is the mean pairwise cosine
-        between the tasks' support gradients at φ (their first inner
-        gradients, so it costs no extra gradient; needs T >= 2 tasks on each
-        device).
-      axis_name: for task parallelism across devices: call ``step`` inside
-        `jax.shard_map` (or `jax.pmap`) with the tasks split along this mapped
-        axis; the meta-gradient, metrics and carried inner state are then
-        averaged over it with `jax.lax.pmean`, so every device holds the same
-        φ (equal to the single-device step when devices hold equal numbers of
-        tasks). ``alignment`` then covers each device's own tasks only.
-        Under plain `jax.jit` with sharded inputs no axis name is needed.
-      task_loop: how the tasks are executed: ``"vmap"``, ``"map"``
-        (`jax.lax.map`), ``"unroll"`` (one copy of the task's inner loop per
-        task) or ``"auto"``; as in `metagrad.maml`, whose docstring gives the
-        rule ``"auto"`` follows.
-      step_loop: how the inner steps are executed: ``"scan"``, ``"unroll"``
-        or ``"auto"``, as in `metagrad.maml`. Every strategy gives the same
-        numbers.
+      **options: the keywords every meta-learner shares, `LearnerOptions`.
+
+    ``reset_inner_state=False`` makes a serial Reptile that never resets its optimizer
+    parallel (our choice): each task starts from the carried inner state.
 
     A non-finite task loss makes the meta-gradient non-finite; pass
     ``outer=optax.apply_if_finite(opt, max_consecutive_errors)`` to skip such
@@ -162,35 +147,33 @@ def reptile(
       Low-Resource Natural Language Understanding Tasks
       <https://arxiv.org/abs/1908.10423>`_, EMNLP 2019.
     """
-    inner_steps, outer_tx = check_learner(
-        loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
-        step_loop=step_loop, batch_per_step=batch_per_step,
-        reset_inner_state=reset_inner_state, alignment=alignment,
-    )  # fmt: skip
+    inner_steps, outer_tx, opts = check_learner(
+        "reptile", loss_fn, inner_steps, outer, options, batch_per_step=batch_per_step
+    )
     inner = fixed_inner("reptile", inner)
     rule = as_inner_rule(inner)
 
     def step_fn(state, tasks):
         support, query, run_tasks, step_mode = start_step(
-            loss_fn, state.params, tasks, alignment=alignment, task_loop=task_loop,
-            step_loop=step_loop, num_steps=inner_steps, batch_per_step=batch_per_step,
+            loss_fn, state.params, tasks, alignment=opts.alignment, task_loop=opts.task_loop,
+            step_loop=opts.step_loop, num_steps=inner_steps, batch_per_step=batch_per_step,
         )  # fmt: skip
         phi = state.params
         inner_states = task_states(
-            inner.init, phi, state.inner_state, run_tasks.num_tasks, reset=reset_inner_state,
-            axis_name=axis_name,
+            inner.init, phi, state.inner_state, run_tasks.num_tasks,
+            reset=opts.reset_inner_state, axis_name=opts.axis_name,
         )  # fmt: skip
         # Each device adapts its own tasks: see `to_varying` for why φ is cast.
         thetas, inner_states, _, outs = inner_loop(
-            loss_fn, rule, _base.to_varying(phi, axis_name), (), (), inner_states, support,
-            None, inner_steps, task_loop=run_tasks.mode, step_loop=step_mode, alignment=alignment,
-            batch_per_step=batch_per_step,
+            loss_fn, rule, _base.to_varying(phi, opts.axis_name), (), (), inner_states, support,
+            None, inner_steps, task_loop=run_tasks.mode, step_loop=step_mode,
+            alignment=opts.alignment, batch_per_step=batch_per_step,
         )  # fmt: skip
         query_losses = run_tasks.map(loss_fn, thetas, query, False)
         thetas = run_tasks.stacked(thetas, False)
         meta_grad = jax.tree.map(lambda p, t: jnp.mean(p[None] - t, axis=0), phi, thetas)
-        if axis_name is not None:
-            meta_grad = jax.lax.pmean(meta_grad, axis_name)
+        if opts.axis_name is not None:
+            meta_grad = jax.lax.pmean(meta_grad, opts.axis_name)
         outer_updates, outer_state = outer_tx.update(meta_grad, state.outer_state, phi)
         new_phi = optax.apply_updates(phi, outer_updates)
         loss_post = jnp.mean(query_losses)
@@ -200,16 +183,16 @@ def reptile(
             "loss_post": loss_post,
             "meta_grad_norm": _base.global_norm(meta_grad),
         }
-        if alignment:
+        if opts.alignment:
             metrics["alignment"] = outs["alignment"]
         new_inner_state = None
-        if not reset_inner_state:
+        if not opts.reset_inner_state:
             # A non-finite task must not poison the state carried to later steps.
             new_inner_state = _base.keep_if_finite(
-                _base.mean_over_tasks(inner_states, axis_name), state.inner_state
+                _base.mean_over_tasks(inner_states, opts.axis_name), state.inner_state
             )
-        if axis_name is not None:
-            metrics = jax.lax.pmean(metrics, axis_name)
+        if opts.axis_name is not None:
+            metrics = jax.lax.pmean(metrics, opts.axis_name)
         new_state = ReptileState(
             params=new_phi, outer_state=outer_state, inner_state=new_inner_state
         )
@@ -221,7 +204,7 @@ def reptile(
         )
 
     return meta_learner(
-        functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
+        functools.partial(reptile_init, outer_tx, inner, opts.reset_inner_state),
         step_fn,
         jax.jit(adapt_fn, static_argnames="num_steps"),
         state_type=ReptileState,

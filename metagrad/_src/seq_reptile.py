@@ -27,8 +27,9 @@ from metagrad._src import loops as _loops
 from metagrad._src.adapt import adapt, one_task
 from metagrad._src.base import MetaLearner, global_norm, keep_if_finite, meta_learner
 from metagrad._src.diagnostics import mean_pairwise_cosine, task_gradients
-from metagrad._src.inner_loop import check_learner, describe
+from metagrad._src.inner_loop import LearnerOptions, check_learner, describe, learner_options
 from metagrad._src.inner_rules import fixed_inner
+from metagrad._src.options import Unpack
 from metagrad._src.reptile import ReptileState, reptile_init
 
 Params = chex.ArrayTree
@@ -51,18 +52,15 @@ def _required_positional(fn: Callable[..., chex.Array]) -> int:
     return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in parameters)
 
 
+@learner_options
 def seq_reptile(
     loss_fn: Callable[..., chex.Array],
     inner: float | optax.Schedule | optax.GradientTransformation,
     inner_steps: int,
     outer: float | optax.Schedule | optax.GradientTransformation,
     *,
-    reset_inner_state: bool = True,
     pass_task_id: bool = False,
-    alignment: bool = False,
-    axis_name: str | None = None,
-    task_loop: str = "auto",
-    step_loop: str = "auto",
+    **options: Unpack[LearnerOptions],
 ) -> MetaLearner:
     """Sequential Reptile (Lee et al., 2022, Algorithm 1) as a jitted meta-step.
 
@@ -97,29 +95,18 @@ def seq_reptile(
       inner_steps: K >= 1, the trajectory length (``task_ids`` has K entries).
       outer: the optimizer applied to MG (its update is added to φ), or a
         float / schedule η meaning ``optax.sgd(η)``.
-      reset_inner_state: True (default): each outer step starts the inner
-        optimizer from ``inner.init(φ)``; False: its state carries over from
-        the previous trajectory. The paper does not say; resetting makes each
-        outer step a function of φ alone.
       pass_task_id: whether ``loss_fn`` takes the task id (default False).
-      alignment: if True, ``metrics["alignment"]`` is the mean cosine between
-        the gradients at φ of the K batches over pairs from different tasks
-        (NaN if all K come from one task: no pair of tasks to compare). Costs
-        K extra gradient evaluations per step (vmapped), so it is off by
-        default; needs ``inner_steps >= 2``.
-      axis_name: for data parallelism across devices: call ``step`` inside
-        `jax.shard_map` (or `jax.pmap`) with every batch's examples split along
-        this mapped axis; each inner gradient and loss is averaged over it with
-        `jax.lax.pmean` (equal to the single-device step when ``loss_fn`` is a
-        mean over equally sized shards). The trajectory itself is sequential.
-      task_loop: accepted and checked so that every meta-learner takes the
-        same execution arguments (see `metagrad.maml`); Sequential Reptile
-        runs one trajectory, with no task axis to execute, so it has no
-        effect.
-      step_loop: how the K inner steps are executed: ``"scan"``,
-        ``"unroll"`` or ``"auto"`` (on CPU, unrolled for a convolutional loss
-        while the unrolled program is small, else a scan; a scan on GPU/TPU;
-        the rule of `metagrad.maml`). Every strategy gives the same numbers.
+      **options: the keywords every meta-learner shares, `LearnerOptions`.
+
+    On one trajectory the shared keywords mean: ``reset_inner_state=False``, the inner state
+    carries over from the previous trajectory (the paper does not say; resetting makes each
+    outer step a function of φ alone); ``alignment``, the mean cosine between the gradients
+    at φ of the K batches over pairs from different tasks (NaN if all K come from one
+    task), K extra gradient evaluations (vmapped), so it needs ``inner_steps >= 2``;
+    ``axis_name``, every batch's examples split along the mapped axis, each inner gradient
+    and loss averaged over it (the single-device step when ``loss_fn`` is a mean over
+    equally sized shards; the trajectory itself is sequential); ``task_loop`` is accepted
+    and checked but has no effect (one trajectory, no task axis to execute).
 
     A non-finite batch loss makes the meta-gradient non-finite; pass
     ``outer=optax.apply_if_finite(opt, max_consecutive_errors)`` to skip such
@@ -157,11 +144,9 @@ def seq_reptile(
       Lee, Lee, Lee, Hwang, `Sequential Reptile: Inter-Task Gradient Alignment
       for Multilingual Learning <https://arxiv.org/abs/2110.02600>`_, ICLR 2022.
     """
-    inner_steps, outer_tx = check_learner(
-        loss_fn, inner_steps, outer, axis_name=axis_name, task_loop=task_loop,
-        step_loop=step_loop, reset_inner_state=reset_inner_state, pass_task_id=pass_task_id,
-        alignment=alignment,
-    )  # fmt: skip
+    inner_steps, outer_tx, opts = check_learner(
+        "seq_reptile", loss_fn, inner_steps, outer, options, pass_task_id=pass_task_id
+    )
     inner = fixed_inner("seq_reptile", inner)
     if not pass_task_id and _required_positional(loss_fn) >= 3:
         raise TypeError(
@@ -169,7 +154,7 @@ def seq_reptile(
             "pass pass_task_id=True for loss_fn(params, batch, task_id), or take "
             "loss_fn(params, batch)"
         )
-    if alignment and inner_steps < 2:
+    if opts.alignment and inner_steps < 2:
         raise ValueError("alignment=True needs inner_steps >= 2 batches to compare, got 1")
 
     def tagged_loss(params, tagged):
@@ -199,12 +184,12 @@ def seq_reptile(
         task_ids = jnp.asarray(task_ids, jnp.int32)
         tagged = (task_ids, batches)
         phi = state.params
-        inner_state = inner.init(phi) if reset_inner_state else state.inner_state
+        inner_state = inner.init(phi) if opts.reset_inner_state else state.inner_state
         one = jax.tree.map(lambda x: x[0], tagged)
         # One trajectory: "auto" makes it the single unrolled task of a convolutional loss.
         _, step_mode = _loops.resolve(
             "auto",
-            step_loop,
+            opts.step_loop,
             num_tasks=1,
             num_steps=inner_steps,
             jaxpr=_loops.trace_loss(tagged_loss, phi, one)[0],
@@ -217,7 +202,7 @@ def seq_reptile(
             tagged,
             inner_steps,
             batch_per_step=True,
-            axis_name=axis_name,
+            axis_name=opts.axis_name,
             step_loop=step_mode,
         )
         meta_grad = jax.tree.map(lambda p, t: p - t, phi, theta)
@@ -228,17 +213,17 @@ def seq_reptile(
             "loss_pre": losses[0],
             "meta_grad_norm": global_norm(meta_grad),
         }
-        if alignment:
+        if opts.alignment:
             grads = task_gradients(tagged_loss, phi, tagged)
-            if axis_name is not None:
-                grads = jax.lax.pmean(grads, axis_name)
+            if opts.axis_name is not None:
+                grads = jax.lax.pmean(grads, opts.axis_name)
             metrics["alignment"] = mean_pairwise_cosine(grads, task_ids=task_ids)
         new_state = ReptileState(
             params=new_phi,
             outer_state=outer_state,
             # A non-finite batch must not poison the state carried to later steps.
             inner_state=None
-            if reset_inner_state
+            if opts.reset_inner_state
             else keep_if_finite(inner_state, state.inner_state),
         )
         return new_state, metrics
@@ -255,7 +240,7 @@ def seq_reptile(
         return adapt(tagged_loss, inner, state.params, support, num_steps)
 
     return meta_learner(
-        functools.partial(reptile_init, outer_tx, inner, reset_inner_state),
+        functools.partial(reptile_init, outer_tx, inner, opts.reset_inner_state),
         step_fn,
         jax.jit(adapt_fn, static_argnames="num_steps"),
         state_type=ReptileState,
