@@ -21,7 +21,6 @@ from metagrad._src.hvp import fd_step as fd_step
 from metagrad._src.hvp import hvp as hvp
 from metagrad._src.imaml import IMAMLState as IMAMLState
 from metagrad._src.imaml import imaml as imaml
-from metagrad._src.inner_loop import LearnerOptions as LearnerOptions
 from metagrad._src.inner_rules import InnerRule as InnerRule
 from metagrad._src.inner_rules import learned_lr as learned_lr
 from metagrad._src.inner_rules import meta_sgd as meta_sgd
@@ -58,6 +57,7 @@ from metagrad._src.mtl.surgery import pcgrad as pcgrad
 from metagrad._src.mtl.uncertainty import UncertaintyWeightingState as UncertaintyWeightingState
 from metagrad._src.mtl.uncertainty import uncertainty_weighting as uncertainty_weighting
 from metagrad._src.mtl.upgrad import upgrad as upgrad
+from metagrad._src.options import LearnerOptions as LearnerOptions
 from metagrad._src.reptile import ReptileState as ReptileState
 from metagrad._src.reptile import reptile as reptile
 from metagrad._src.reptile_outer import ReptileOuterState as ReptileOuterState

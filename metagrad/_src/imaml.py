@@ -17,16 +17,9 @@ from metagrad._src import checks as _checks
 from metagrad._src.adapt import one_task
 from metagrad._src.base import LossFn, MetaLearner, Params, meta_learner
 from metagrad._src.hvp import hvp as _hvp
-from metagrad._src.inner_loop import (
-    LearnerOptions,
-    check_learner,
-    inner_loop,
-    learner_options,
-    start_step,
-    task_states,
-)
+from metagrad._src.inner_loop import inner_loop, start_step, task_states
 from metagrad._src.inner_rules import as_inner_rule, fixed_inner
-from metagrad._src.options import Unpack
+from metagrad._src.options import LearnerOptions, Unpack, check_learner, learner_options
 
 
 class IMAMLState(NamedTuple):

@@ -28,17 +28,9 @@ from metagrad._src import inner_mask as _mask
 from metagrad._src import loops as _loops
 from metagrad._src import maml_pp as _pp
 from metagrad._src.base import LossFn, MetaLearner, Params, meta_learner
-from metagrad._src.inner_loop import (
-    LearnerOptions,
-    check_learner,
-    check_loss,
-    inner_loop,
-    learner_options,
-    start_step,
-    task_states,
-)
+from metagrad._src.inner_loop import check_loss, inner_loop, start_step, task_states
 from metagrad._src.inner_rules import InnerRule, as_inner_rule
-from metagrad._src.options import Unpack
+from metagrad._src.options import LearnerOptions, Unpack, check_learner, learner_options
 
 
 class MAMLState(NamedTuple):

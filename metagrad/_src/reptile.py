@@ -21,16 +21,9 @@ import optax
 from metagrad._src import base as _base
 from metagrad._src.adapt import adapt
 from metagrad._src.base import MetaLearner, meta_learner
-from metagrad._src.inner_loop import (
-    LearnerOptions,
-    check_learner,
-    inner_loop,
-    learner_options,
-    start_step,
-    task_states,
-)
+from metagrad._src.inner_loop import inner_loop, start_step, task_states
 from metagrad._src.inner_rules import as_inner_rule, fixed_inner
-from metagrad._src.options import Unpack
+from metagrad._src.options import LearnerOptions, Unpack, check_learner, learner_options
 
 Params = chex.ArrayTree
 

@@ -27,9 +27,9 @@ from metagrad._src import loops as _loops
 from metagrad._src.adapt import adapt, one_task
 from metagrad._src.base import MetaLearner, global_norm, keep_if_finite, meta_learner
 from metagrad._src.diagnostics import mean_pairwise_cosine, task_gradients
-from metagrad._src.inner_loop import LearnerOptions, check_learner, describe, learner_options
+from metagrad._src.inner_loop import describe
 from metagrad._src.inner_rules import fixed_inner
-from metagrad._src.options import Unpack
+from metagrad._src.options import LearnerOptions, Unpack, check_learner, learner_options
 from metagrad._src.reptile import ReptileState, reptile_init
 
 Params = chex.ArrayTree

@@ -7,23 +7,15 @@ Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax.numpy as jnp
 import optax
 
-from metagrad._src.mtl import base as _aggregate
-from metagrad._src.mtl import gram as _gram
-from metagrad._src.mtl.upgrad import check_eps, dual_cone_weights
+from metagrad._src.mtl.upgrad import DualConeOptions, dual_cone, dual_cone_options
+from metagrad._src.options import Unpack
 
 
-def dualproj(
-    *,
-    reduction: str = "mean",
-    norm_eps: float = 1e-4,
-    reg_eps: float = 1e-4,
-    axis_name: Any = None,
-) -> optax.GradientTransformation:
+@dual_cone_options
+def dualproj(**options: Unpack[DualConeOptions]) -> optax.GradientTransformation:
     """DualProj: the mean task gradient projected onto the dual cone of the task gradients.
 
     .. math::
@@ -39,10 +31,7 @@ def dualproj(
     Scale (`reduction`): ``"mean"`` (default, TorchJD) projects the mean; ``"sum"`` the sum.
 
     Args:
-      reduction: ``"mean"`` or ``"sum"``.
-      norm_eps: as in `upgrad`.
-      reg_eps: as in `upgrad`.
-      axis_name: as in `upgrad`.
+      **options: the keywords of the dual-cone aggregators, as `upgrad`'s.
 
     Returns:
       The DualProj transformation: per-task gradients (leaves ``[T, ...]``) in, the mean
@@ -61,12 +50,5 @@ def dualproj(
       <https://arxiv.org/abs/2406.16232>`_, 2024; Lopez-Paz & Ranzato, `Gradient Episodic
       Memory for Continual Learning <https://arxiv.org/abs/1706.08840>`_, NeurIPS 2017.
     """
-    _aggregate.check_reduction(reduction)
-    norm_eps, reg_eps = check_eps(norm_eps, reg_eps)
-
-    def weights_fn(gram, state):
-        num = gram.shape[0]
-        mean = _aggregate.reduce(jnp.ones((num,), gram.dtype), reduction, num)
-        return dual_cone_weights(gram, mean, norm_eps, reg_eps), state
-
-    return _gram.gram_aggregator("dualproj", weights_fn, axis_name=axis_name)
+    # The mean (or sum) of the task gradients is projected: one row of ones.
+    return dual_cone("dualproj", lambda num, dtype: jnp.ones((num,), dtype), options)

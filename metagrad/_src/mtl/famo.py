@@ -88,13 +88,7 @@ def famo(
 
     def init_state(params):
         del params
-        logits = _losses.task_vector(num_tasks, 0.0)
-        return FAMOState(
-            count=jnp.zeros([], jnp.int32),
-            logits=logits,
-            prev_losses=_losses.task_vector(num_tasks, 1.0),
-            logit_state=opt.init(logits),
-        )
+        return _weighting.learned_state(FAMOState, num_tasks, opt, logits=0.0, prev_losses=1.0)
 
     def weights_fn(updates, losses, state, params):
         del updates, params

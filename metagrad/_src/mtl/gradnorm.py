@@ -122,12 +122,9 @@ def gradnorm(
 
     def init_state(params):
         del params
-        weights = _losses.task_vector(num_tasks, 1.0)
-        return GradNormState(
-            count=jnp.zeros([], jnp.int32),
-            weights=weights,
-            initial_losses=_losses.task_vector(num_tasks, 1.0),
-            weight_state=weight_opt.init(weights),
+        # The initial losses are recorded at the first call.
+        return _weighting.learned_state(
+            GradNormState, num_tasks, weight_opt, weights=1.0, initial_losses=1.0
         )
 
     def task_norms(updates, params):

@@ -78,9 +78,8 @@ def uncertainty_weighting(
 
     def init_state(params):
         del params
-        log_vars = _losses.task_vector(num_tasks, init_log_var)
-        return UncertaintyWeightingState(
-            count=jnp.zeros([], jnp.int32), log_vars=log_vars, log_var_state=opt.init(log_vars)
+        return _weighting.learned_state(
+            UncertaintyWeightingState, num_tasks, opt, log_vars=init_log_var
         )
 
     def weights_fn(updates, losses, state, params):

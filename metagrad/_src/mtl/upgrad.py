@@ -6,7 +6,8 @@ Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from metagrad._src import checks as _checks
 from metagrad._src.mtl import base as _aggregate
 from metagrad._src.mtl import gram as _gram
 from metagrad._src.mtl import solvers as _solvers
+from metagrad._src.options import KeywordGroup, Unpack
 
 
 def dual_cone_weights(gram: jax.Array, u: jax.Array, norm_eps, reg_eps) -> jax.Array:
@@ -35,20 +37,50 @@ def dual_cone_weights(gram: jax.Array, u: jax.Array, norm_eps, reg_eps) -> jax.A
     return one(u) if u.ndim == 1 else jax.vmap(one)(u)
 
 
-def check_eps(norm_eps, reg_eps):
-    return (
-        _checks.hyperparameter("norm_eps", norm_eps, low=0, low_inclusive=True),
-        _checks.hyperparameter("reg_eps", reg_eps, low=0, low_inclusive=True),
-    )
+class DualConeOptions(TypedDict, total=False):
+    """The keywords of `upgrad` and `dualproj`, the aggregators that project onto the dual cone
+    with `dual_cone_weights` (TorchJD's regularisation; defaults TorchJD's).
+
+    Keyword Args:
+      reduction: ``"mean"`` (default) or ``"sum"``, the scale (above).
+      norm_eps: trace of G below which it counts as zero (default 1e-4).
+      reg_eps: added to the diagonal of the normalised Gram matrix (default 1e-4).
+      axis_name: device axis over which the parameters are sharded, or None (default).
+    """
+
+    reduction: str
+    norm_eps: float
+    reg_eps: float
+    axis_name: Any
 
 
-def upgrad(
-    *,
-    reduction: str = "mean",
-    norm_eps: float = 1e-4,
-    reg_eps: float = 1e-4,
-    axis_name: Any = None,
+dual_cone_options = KeywordGroup(
+    DualConeOptions, {"reduction": "mean", "norm_eps": 1e-4, "reg_eps": 1e-4, "axis_name": None}
+)
+
+
+def dual_cone(
+    name: str, targets: Callable[[int, Any], jax.Array], options: Mapping[str, Any]
 ) -> optax.GradientTransformation:
+    """The aggregator ``d = Jᵀ sum_k v_k``, v_k the dual-cone weights of the rows u_k of
+    ``targets(T, dtype)`` ([T] or [k, T], scaled by the reduction): the checks of the shared
+    keywords ``options`` and the Gram-path plumbing of `upgrad` and `dualproj` (``name``)."""
+    opts = dual_cone_options.resolve(name, options)
+    _aggregate.check_reduction(opts.reduction)
+    norm_eps = _checks.hyperparameter("norm_eps", opts.norm_eps, low=0, low_inclusive=True)
+    reg_eps = _checks.hyperparameter("reg_eps", opts.reg_eps, low=0, low_inclusive=True)
+
+    def weights_fn(gram, state):
+        num = gram.shape[0]
+        rows = _aggregate.reduce(targets(num, gram.dtype), opts.reduction, num)
+        weights = dual_cone_weights(gram, rows, norm_eps, reg_eps)
+        return (weights if weights.ndim == 1 else jnp.sum(weights, axis=0)), state
+
+    return _gram.gram_aggregator(name, weights_fn, axis_name=opts.axis_name)
+
+
+@dual_cone_options
+def upgrad(**options: Unpack[DualConeOptions]) -> optax.GradientTransformation:
     """UPGrad: project every task gradient onto the dual cone of all of them; average.
 
     The dual cone of the task gradients is {d : ⟨g_i, d⟩ >= 0 for every i}: the directions
@@ -70,10 +102,7 @@ def upgrad(
     ``"sum"`` (T times larger: the sum of the projections).
 
     Args:
-      reduction: ``"mean"`` or ``"sum"``.
-      norm_eps: trace of G below which it counts as zero (TorchJD's, 1e-4).
-      reg_eps: added to the diagonal of the normalised Gram matrix (TorchJD's, 1e-4).
-      axis_name: device axis over which the parameters are sharded, or None.
+      **options: the keywords of the dual-cone aggregators, `DualConeOptions`.
 
     Returns:
       The UPGrad transformation: per-task gradients (leaves ``[T, ...]``) in, the mean of
@@ -91,12 +120,5 @@ def upgrad(
       Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
       <https://arxiv.org/abs/2406.16232>`_, 2024 (Eq. 5, Proposition 1).
     """
-    _aggregate.check_reduction(reduction)
-    norm_eps, reg_eps = check_eps(norm_eps, reg_eps)
-
-    def weights_fn(gram, state):
-        num = gram.shape[0]
-        rows = _aggregate.reduce(jnp.eye(num, dtype=gram.dtype), reduction, num)
-        return jnp.sum(dual_cone_weights(gram, rows, norm_eps, reg_eps), axis=0), state
-
-    return _gram.gram_aggregator("upgrad", weights_fn, axis_name=axis_name)
+    # Each task gradient is projected: the rows of the identity.
+    return dual_cone("upgrad", lambda num, dtype: jnp.eye(num, dtype=dtype), options)

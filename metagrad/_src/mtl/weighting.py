@@ -76,6 +76,17 @@ def loss_weighting(
     return optax.GradientTransformationExtraArgs(init_state, update_fn)
 
 
+def learned_state(state_type: Any, num_tasks: int, opt: Any, **vectors: float) -> Any:
+    """The initial state of a method that learns a [T] task vector with its own optimizer
+    (`famo`, `gradnorm`, `uncertainty_weighting`): ``state_type`` with ``count`` 0, each
+    [T] vector of ``vectors`` filled with its value (the first one is the learned vector), and
+    its last field, ``opt``'s state for the learned vector."""
+    filled = {name: _losses.task_vector(num_tasks, value) for name, value in vectors.items()}
+    learned = next(iter(filled.values()))
+    opt_state = {state_type._fields[-1]: opt.init(learned)}
+    return state_type(count=jnp.zeros([], jnp.int32), **filled, **opt_state)
+
+
 def task_norms(trees: list[Any], num_tasks: int) -> jax.Array:
     """The Euclidean norm of each task's slice over the leaves `trees` (leaves ``[T, ...]``)."""
     sq = sum(jnp.sum(jnp.abs(jnp.reshape(x, (num_tasks, -1))) ** 2, axis=1) for x in trees)
