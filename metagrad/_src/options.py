@@ -104,7 +104,7 @@ class KeywordGroup:
 
 
 class LearnerOptions(TypedDict, total=False):
-    """The keyword arguments every meta-learner shares, documented and checked here once.
+    """The keyword arguments every meta-learner shares: one definition, documentation and check.
 
     `maml`, `fomaml`, `reptile`, `seq_reptile` and `imaml` take them (keyword-only, with the
     defaults below); a learner's own docstring says where one means more for it. As a type,
