@@ -3,13 +3,13 @@
 Each test runs the experiment's own functions (`experiments.fewshot`'s samplers, learners and
 `meta_train`, as `experiments.grad_share_glyphs` uses them; `experiments.dotprod_sweep.train_grid`)
 at a configuration small enough for the suite, and asserts only a direction that held, with
-margin, on every one of at least five seeds of that same configuration (the stability runs and
-their per-seed numbers are in the README's findings section). Not pinned here:
+margin, on every one of at least five seeds of that same configuration; each docstring gives
+the range seen over those seeds. Not pinned here:
 
 - grad_share at the paper's 1x inner rate trails MAML in held-out accuracy at this budget
   (10 of 10 seeds), but pinning it takes two more second-order Conv-4 compilations (~15 s of
   CPU), more than this module's share of the suite;
-- DotProd's weight 0.3 diverging from scratch (every cell of the sweep and of 6 tiny runs): the
+- DotProd's weight 0.3 diverging from scratch (every cell of the sweep and of our tiny runs): the
   same mechanism as weight 1's divergence, pinned in tests/test_dotprod_sweep.py;
 - DotProd's accuracy differences at weights <= 0.1: no stable direction (the sweep finds no gain).
 """
@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from experiments import dotprod_sweep as ds
+from experiments import dotprod_sweep_finetune as ft
 from experiments import fewshot
 from experiments import grad_share_glyphs as gsg
 from experiments.models import conv4_init
@@ -101,8 +102,6 @@ def test_dotprod_papers_weight_diverges_when_fine_tuning():
     0.195-0.205 (weight 0: 0.43-0.82), ratio 30-323."""
     cfg = ds.Config(seeds=2, steps=100, log_every=25, weights=(0.0, 0.1), digits_sizes=(25, 100),
                     noise=(0.0,), datasets=("digits",), setting="finetune")  # fmt: skip
-    from experiments import dotprod_sweep_finetune as ft
-
     metrics, dots, _ = ds.train_grid(ft.digits_problem(cfg, seed=0), cfg, seed=0, progress=False)
     acc, dots = metrics["test_acc"][:, 0], dots[:, 0]  # [seeds, sizes, weights(, logs)]
     assert np.all(acc[..., 0] > 0.35), acc  # weight 0 learns (observed 0.43-0.82)
