@@ -7,13 +7,23 @@ fails to import, or raises is reported (status, message, the traceback in
 non-zero when anything failed. Ctrl-C stops the suite: results.json then holds the experiments
 that finished (``"run_status": "interrupted"``) and the exit status is 130.
 `results/latest` points to the last run that wrote its results.
+
+``--jobs N`` runs N experiments at a time, each in a worker process of its own (spawned, so
+each has its own JAX runtime), its output in ``<out>/<name>/log.txt``. By default N is 2
+when JAX runs on a CPU with two or more cores and no GPU / TPU plugin is installed (two
+accelerator processes would compete for one device's memory), else 1; with N = 1 the
+experiments run in this process, in order, with progress bars. The results are the same
+either way: every experiment draws from its own seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import importlib
+import importlib.metadata
+import multiprocessing
 import os
 import pathlib
 import platform
@@ -110,6 +120,14 @@ def build_parser(experiments: dict[str, Experiment]) -> argparse.ArgumentParser:
         "outside the default suite)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N experiments at a time, each in its own process, its output in "
+        "<out>/<name>/log.txt (default: 2 when JAX runs on a CPU with 2 or more cores, else 1)",
+    )
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     for exp in experiments.values():
         if exp.module is not None and hasattr(exp.module, "add_arguments"):
@@ -170,6 +188,83 @@ def _run_one(exp: Experiment, exp_dir: pathlib.Path, args) -> tuple[dict, list[d
     return status, rows
 
 
+def _worker(name: str, module_name: str, exp_dir: pathlib.Path, args) -> tuple[dict, list[dict]]:
+    """`_run_one` in a worker process, everything it prints in ``<exp_dir>/log.txt``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(exp_dir / "log.txt", "w") as log:
+        # The file descriptors, so that XLA's own messages land in the log too.
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            return _run_one(discover({name: (module_name, True)})[name], exp_dir, args)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+
+def _accelerator_plugin() -> bool:
+    """Whether a JAX GPU / TPU plugin is installed (without starting JAX)."""
+    prefixes = ("jax-cuda", "jax-rocm", "jax-tpu", "libtpu", "jax-metal")
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name.startswith(prefixes):
+            return True
+    return False
+
+
+def _default_jobs() -> int:
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    on_cpu = platforms == "cpu" if platforms else not _accelerator_plugin()
+    return 2 if on_cpu and (os.cpu_count() or 1) >= 2 else 1
+
+
+def _run_parallel(names, experiments, out, args, jobs) -> tuple[dict, dict, bool]:
+    """Runs the experiments `jobs` at a time in spawned worker processes.
+
+    The long ones (a module's ``LONG = True``) start first. Returns the status and the rows
+    of each experiment, and whether Ctrl-C stopped the run.
+    """
+    quiet = argparse.Namespace(**{**vars(args), "no_progress": True})
+    order = sorted(names, key=lambda n: not getattr(experiments[n].module, "LONG", False))
+    status, rows, start = {}, {}, time.perf_counter()
+    pool = concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("spawn")
+    )
+    futures = {}
+    for name in order:
+        exp = experiments[name]
+        exp_dir = out / name
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        print(f"\n== {name}: {exp.description}", flush=True)
+        futures[pool.submit(_worker, name, exp.module_name, exp_dir, quiet)] = name
+    print(f"\n{len(order)} experiments, {jobs} at a time; the output of each: {out}/<name>/log.txt")
+    interrupted = False
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            name = futures[future]
+            try:
+                status[name], rows[name] = future.result()
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - a worker that died: reported, the rest go on
+                seconds = time.perf_counter() - start
+                status[name] = {"status": "failed", "error": repr(e), "seconds": seconds}
+                rows[name] = []
+            s = status[name]
+            line = f"   {name}: {s['status']} in {s['seconds']:.1f} s"
+            print(line + (f"  {s['error']}" if s.get("error") else ""), flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        for name in order:
+            if name not in status:
+                status[name] = {"status": "interrupted", "seconds": time.perf_counter() - start}
+        print("\n   INTERRUPTED", flush=True)
+    finally:
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
+    return status, rows, interrupted
+
+
 def _report(names, status, all_rows, args, total) -> None:
     print("\n" + "=" * 78)
     print(f"Results (budget={args.budget}, seed={args.seed})")
@@ -211,6 +306,12 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
     problem = _check_out(out)
     if problem:
         parser.error(f"--out: {problem}")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs: must be at least 1, got {args.jobs}")
+    # Worker processes import each experiment by its module name: a registry given to
+    # `main` (the tests') runs in this process unless --jobs says otherwise.
+    jobs = args.jobs or (1 if registry is not None else _default_jobs())
+    jobs = min(jobs, len(names))
     print(f"metagrad experiments: {', '.join(names)} | budget={args.budget} seed={args.seed}")
     print(f"writing results to {out.resolve()}", flush=True)
 
@@ -218,7 +319,11 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
     status: dict[str, dict] = {}
     interrupted = False
     start_all = time.perf_counter()
-    for name in names:
+    if jobs > 1:
+        found, rows_by, interrupted = _run_parallel(names, experiments, out, args, jobs)
+        status = {n: found[n] for n in names if n in found}
+        all_rows = [r for n in names for r in rows_by.get(n, [])]
+    for name in names if jobs == 1 else ():
         exp = experiments[name]
         exp_dir = out / name
         exp_dir.mkdir(parents=True, exist_ok=True)
@@ -246,6 +351,7 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
                 "seed": args.seed,
                 "experiments": names,
                 "argv": list(argv) if argv is not None else sys.argv[1:],
+                "jobs": jobs,
                 "versions": _versions(),
             },
             "run_status": "interrupted" if interrupted else "finished",
@@ -258,7 +364,7 @@ def main(argv: Sequence[str] | None = None, registry=None) -> int:
     print(f"\nwrote {out / 'results.json'}, {out / 'results.csv'} and per-experiment files")
     # `results/latest` moves only to a run that wrote its results: finished, or interrupted
     # after at least one experiment finished.
-    if not args.out and (not interrupted or len(status) > 1):
+    if not args.out and any(s["status"] != "interrupted" for s in status.values()):
         _link_latest(out)
     if interrupted:
         print("interrupted (Ctrl-C): results.json holds the experiments that finished")

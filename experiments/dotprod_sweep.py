@@ -88,6 +88,7 @@ DESCRIPTION = (
     "Meta DotProd weight x training-set size x label noise on digits and glyph classification "
     "(optional): test accuracy ± s.e., paired difference to weight 0, gradient dot products"
 )
+LONG = True  # minutes at the quick budget: a parallel run starts it first
 
 DATASETS = ("digits", "glyphs")
 LR = 1e-3

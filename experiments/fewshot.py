@@ -129,6 +129,7 @@ DESCRIPTION = (
     "Mini-ImageNet via tfds): MAML, FOMAML, Reptile, Meta-SGD, MAML+grad_share, ANIL, "
     "5-way 1/5-shot"
 )
+LONG = True  # minutes at the quick budget: a parallel run starts it first
 
 METHODS = ("maml", "fomaml", "reptile", "meta_sgd", "maml+grad_share", "anil")
 # Methods whose test-time adaptation is SGD with a learning rate per parameter (a constant,

@@ -47,6 +47,7 @@ DESCRIPTION = (
     "gradient sharing vs MAML on Conv-4 glyph episodes (5-way 1-shot): outer steps to "
     "MAML's final accuracy and accuracy at a 10x inner learning rate, over seeds"
 )
+LONG = True  # minutes at the quick budget: a parallel run starts it first
 METHODS = ("maml", "maml+grad_share")
 BASE_LR, WAYS, SHOTS = 0.1, 5, 1
 

@@ -5,6 +5,7 @@ Every experiment is a module under `experiments/` following one contract::
     NAME = "sinusoid"                  # the command-line name
     DESCRIPTION = "one line for --help"
     def add_arguments(parser): ...     # optional, options prefixed with the name
+    LONG = True                        # optional: a parallel run (--jobs) starts it first
     def run(out_dir, *, budget="quick", seed=0, progress=True, args=None) -> list[dict]
 
 `run` writes its own files into `out_dir` (one directory per experiment) and returns

@@ -412,3 +412,77 @@ def test_experiment_options_reach_their_config():
     for module in (digits, grad_share_sinusoid, sinusoid, synthetic):
         for budget in config.BUDGET_NAMES:
             config.resolve(module.Config, module.BUDGETS, budget)  # every preset is complete
+
+
+# -- several experiments at a time (--jobs) ---------------------------------------------------
+
+
+def _fake_registry():
+    name = "cli_fake_experiment"  # tests/cli_fake_experiment.py, importable by spawned workers
+    return {
+        "first": (name, True),
+        "fails": (name, True),
+        "missing": ("experiments.no_such_module", True),
+        "second": (name, True),
+    }
+
+
+def test_jobs_in_worker_processes_give_the_results_of_one_process(tmp_path, capsys):
+    registry = _fake_registry()
+    argv = ["--no-progress", "--seed", "3"]
+    assert cli.main([*argv, "--out", str(tmp_path / "one"), "--jobs", "1"], registry=registry) == 1
+    assert cli.main([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"], registry=registry) == 1
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["config"]["jobs"] == 1 and two["config"]["jobs"] == 2
+    assert (
+        two["rows"]
+        == one["rows"]
+        == [
+            {"experiment": "first", "method": "first", "value": 35.0},
+            {"experiment": "second", "method": "second", "value": 36.0},
+        ]
+    )
+    # The same status for each, in the registry's order, whichever finished first.
+    assert list(two["status"]) == list(one["status"]) == list(registry)
+    for name in registry:
+        assert two["status"][name]["status"] == one["status"][name]["status"], name
+        assert two["status"][name].get("error") == one["status"][name].get("error"), name
+    assert two["status"]["fails"]["error"] == "RuntimeError: boom"
+    assert "not found" in two["status"]["missing"]["error"]
+    # A worker's output, Python's and the file descriptor's, is in the experiment's log.
+    log = (tmp_path / "two" / "first" / "log.txt").read_text()
+    assert "hello from first, progress=False" in log and "fd-level line from first" in log
+    assert (tmp_path / "two" / "fails" / "error.txt").exists()
+    assert "fails: failed in" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_a_worker_stops_the_parallel_run(tmp_path, capsys):
+    registry = {"first": ("cli_fake_experiment", True), "stop": ("cli_fake_experiment", True)}
+    out = tmp_path / "out"
+    assert cli.main(["--out", str(out), "--jobs", "2"], registry=registry) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err and "interrupted" in captured.out
+    results = json.loads((out / "results.json").read_text())
+    assert results["run_status"] == "interrupted"
+    assert results["status"]["stop"]["status"] == "interrupted"
+    assert results["status"]["first"]["status"] in ("ok", "interrupted")
+
+
+def test_jobs_must_be_positive(capsys):
+    err = _usage_error(capsys, ["--jobs", "0"])
+    assert "--jobs: must be at least 1, got 0" in err
+
+
+@pytest.mark.parametrize(
+    "platforms,cores,expected", [("", 2, 2), ("cpu", 8, 2), ("cpu", 1, 1), ("cuda", 8, 1)]
+)
+def test_default_jobs_two_processes_only_on_a_multicore_cpu(
+    monkeypatch, platforms, cores, expected
+):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(cli, "_accelerator_plugin", lambda: False)
+    assert cli._default_jobs() == expected
+    monkeypatch.setattr(cli, "_accelerator_plugin", lambda: True)
+    if not platforms:
+        assert cli._default_jobs() == 1  # a GPU / TPU plugin installed: one process
