@@ -262,6 +262,11 @@ def _run_parallel(names, experiments, out, args, jobs) -> tuple[dict, dict, bool
         print("\n   INTERRUPTED", flush=True)
     finally:
         pool.shutdown(wait=not interrupted, cancel_futures=True)
+    if interrupted:
+        # Ctrl-C means now: a worker inside an XLA compilation would only see it afterwards.
+        for process in multiprocessing.active_children():
+            process.terminate()
+            process.join(timeout=10)
     return status, rows, interrupted
 
 
